@@ -1,0 +1,106 @@
+"""Start a stage job on this machine with torchrun and tell how it ended.
+
+    torchrun --standalone --nproc-per-node N -m stages.<kind> --spec <output_dir>/spec.json
+
+The job runs in a new session (its own process group), so a Ctrl-C in the driver's terminal does
+not reach it: the driver decides what to tell it (SIGTERM: checkpoint and stop). stdout and stderr
+go, appended, to `<output_dir>/job.log`; the job's pid is in `<output_dir>/job.pid`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.config import LaunchConfig
+from stages.contract import EXIT_STATUS, LOG, MANIFEST, StageSpec, read_json
+
+PID_FILE = "job.pid"
+
+
+@dataclass
+class JobResult:
+    status: str
+    """done | preempted | failed"""
+    exit_code: int
+    log: str
+    error: str = ""
+
+
+def command(spec: StageSpec, launcher: LaunchConfig) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={launcher.nproc_per_node}", "--max-restarts=0",
+            "-m", f"stages.{spec.kind}", "--spec", str(spec.out / "spec.json")]
+
+
+def run_job(spec: StageSpec, launcher: LaunchConfig, env: dict[str, str] | None = None) -> JobResult:
+    """Run the job to its end (blocking) and map how it ended."""
+    out = spec.out
+    log_path = out / LOG
+    (out / EXIT_STATUS).unlink(missing_ok=True)
+    job_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: "
+                  f"{' '.join(command(spec, launcher))}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(command(spec, launcher), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=job_env, cwd=out,
+                                start_new_session=True)
+        (out / PID_FILE).write_text(str(proc.pid))
+        code = proc.wait()
+    return job_result(out, code)
+
+
+def job_result(out: Path, code: int) -> JobResult:
+    """Map an exit code plus the job's own exit.json to done / preempted / failed."""
+    log = str(out / LOG)
+    status = {}
+    if (out / EXIT_STATUS).exists():
+        status = read_json(out / EXIT_STATUS)
+    if code == 0 and (out / MANIFEST).exists():
+        return JobResult("done", code, log)
+    if status.get("status") == "preempted":
+        return JobResult("preempted", code, log, "stopped after a checkpoint; rerun to resume")
+    if code < 0:
+        error = f"killed by {signal.Signals(-code).name}"
+    else:
+        error = status.get("error") or f"exited with code {code}"
+    return JobResult("failed", code, log, error)
+
+
+def stop_job(out: Path, sig: int = signal.SIGTERM) -> int | None:
+    """Send `sig` to a running job's workers; returns torchrun's pid (its process group id).
+
+    The workers are signalled directly, not torchrun: torchrun would forward the signal but
+    SIGKILL its workers 30 s later, which can cut a large checkpoint short.
+    """
+    import psutil
+
+    try:
+        pid = int((out / PID_FILE).read_text())
+        workers = psutil.Process(pid).children() or [psutil.Process(pid)]
+    except (OSError, ValueError, psutil.Error):
+        return None
+    for proc in workers:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+    return pid
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until process group `pid` has no members left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False

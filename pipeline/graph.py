@@ -1,0 +1,138 @@
+"""The stage graph: edges from reference fields, content hashes, output dirs, stage specs.
+
+A stage's hash covers its kind, its config (minus `unhashed` fields), the model and sources it
+reads, and the hashes of the stages it references — never its name or our code (Marin's rule:
+refactors must not invalidate finished work). Its output dir is `<workdir>/<name>-<hash8>`, so a
+changed stage and everything downstream get new dirs, while upstream dirs are reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pipeline.recipe import Recipe, RecipeError
+from stages.config import LaunchConfig, ModelConfig, ref_fields, unhashed_fields
+from stages.contract import StageSpec
+
+HASH_LEN = 8
+
+
+@dataclass
+class StageNode:
+    name: str
+    kind: str
+    config: Any
+    """The kind's config dataclass, as validated."""
+    refs: dict[str, str]
+    """Reference field -> upstream stage name."""
+    after: list[str]
+    model: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    launcher: LaunchConfig = field(default_factory=LaunchConfig)
+    hash: str = ""
+    output_dir: Path = Path()
+
+    @property
+    def deps(self) -> list[str]:
+        return sorted(set(self.refs.values()) | set(self.after))
+
+
+def stage_model(recipe: Recipe, cfg: Any) -> ModelConfig | None:
+    """The recipe's model with the stage's `model:` overrides, or None for kinds without one."""
+    return _override(recipe.model, cfg.model) if hasattr(cfg, "model") else None
+
+
+def stage_launcher(recipe: Recipe, cfg: Any) -> LaunchConfig:
+    """The recipe's launcher with the stage's `launcher:` overrides."""
+    return _override(recipe.launcher, getattr(cfg, "launcher", None))
+
+
+def _override(base: Any, overrides: dict[str, Any] | None) -> Any:
+    """A copy of dataclass `base` with `overrides` merged in (unknown keys raise OmegaConf errors)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), overrides or {}))
+
+
+def stage_refs(cfg: Any) -> dict[str, str]:
+    return {f: getattr(cfg, f) for f in ref_fields(type(cfg)) if getattr(cfg, f) is not None}
+
+
+def topo_order(deps: dict[str, list[str]]) -> list[str]:
+    """Stages ordered so that every stage comes after its dependencies (recipe order otherwise).
+
+    Raises RecipeError naming the cycle if there is one.
+    """
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = trail[trail.index(name):] + [name]
+            raise RecipeError([(f"stages.{cycle[0]}", "dependency cycle: " + " -> ".join(cycle))])
+        state[name] = "visiting"
+        for dep in deps[name]:
+            visit(dep, trail + [name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in deps:
+        visit(name, [])
+    return order
+
+
+def build_graph(recipe: Recipe) -> dict[str, StageNode]:
+    """All stages in dependency order, hashed and placed. The recipe must be validated."""
+    nodes: dict[str, StageNode] = {}
+    for name, cfg in recipe.stages.items():
+        model = stage_model(recipe, cfg)
+        used = getattr(cfg, "sources", None) or []
+        nodes[name] = StageNode(
+            name=name, kind=cfg.kind, config=cfg, refs=stage_refs(cfg), after=list(cfg.after),
+            model=dataclasses.asdict(model) if model else {},
+            sources={s: dataclasses.asdict(recipe.sources[s]) for s in used},
+            launcher=stage_launcher(recipe, cfg))
+    order = topo_order({n: node.deps for n, node in nodes.items()})
+    workdir = Path(recipe.workdir)
+    for name in order:
+        node = nodes[name]
+        node.hash = stage_hash(node, {dep: nodes[dep].hash for dep in node.refs.values()})
+        node.output_dir = workdir / f"{name}-{node.hash[:HASH_LEN]}"
+    return {name: nodes[name] for name in order}
+
+
+def stage_hash(node: StageNode, upstream: dict[str, str]) -> str:
+    config = dataclasses.asdict(node.config)
+    for key in unhashed_fields(type(node.config)) + ["after"]:
+        config.pop(key, None)
+    for key, dep in node.refs.items():
+        config[key] = upstream[dep]  # an edge hashes as the upstream's content, not its name
+    blob = json.dumps({"kind": node.kind, "config": config, "model": node.model,
+                       "sources": node.sources}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def make_spec(node: StageNode, graph: dict[str, StageNode], tracking_uri: str = "",
+              run_id: str = "") -> StageSpec:
+    return StageSpec(
+        name=node.name, kind=node.kind, config=dataclasses.asdict(node.config),
+        output_dir=str(node.output_dir.resolve()),
+        inputs={key: str(graph[dep].output_dir.resolve()) for key, dep in node.refs.items()},
+        model=node.model, sources=node.sources, tracking_uri=tracking_uri, run_id=run_id,
+        hash=node.hash)
+
+
+def downstream_of(graph: dict[str, StageNode], names: set[str]) -> set[str]:
+    """`names` and every stage that depends on them, directly or not."""
+    out = set(names)
+    for name, node in graph.items():  # dependency order: upstreams are decided first
+        if any(d in out for d in node.deps):
+            out.add(name)
+    return out

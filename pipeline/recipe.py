@@ -1,0 +1,203 @@
+"""The recipe: a YAML file + dotlist overrides, checked against dataclass schemas.
+
+    recipe = load_recipe("recipes/tiny.yaml", ["stages.pretrain.phases.2.tokens=65536"])
+
+The top level is `Recipe`; each source is checked against its kind's dataclass
+(`data_recipes.sources.SOURCE_KINDS`), each stage against its kind's (`stages.config.STAGE_KINDS`).
+Every problem is reported as `RecipeError` lines `<key.path>: <what is wrong>`; the CLI prints
+them and exits with 2 before anything starts. Semantic checks live in `pipeline.validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_recipes.sources import SOURCE_KINDS
+from stages.config import MISSING, STAGE_KINDS, LaunchConfig, ModelConfig
+
+
+class RecipeError(Exception):
+    """One or more problems with a recipe, each `(key path, message)`."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("\n".join(f"{k}: {m}" if k else m for k, m in problems))
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None
+    """MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db."""
+    experiment: Optional[str] = None
+    """MLflow experiment name. Default: the recipe name."""
+
+
+@dataclass
+class PlanConfig:
+    """Assumptions of `pipeline plan`'s cost estimate."""
+
+    mfu: float = 0.4
+    """Model FLOPs utilisation assumed for the GPU-hours estimate."""
+    gpu_peak_tflops: float = 989.0
+    """Dense bf16 peak of one GPU (H100 SXM: 989)."""
+
+
+@dataclass
+class Recipe:
+    name: str = MISSING
+    workdir: str = MISSING
+    """Where every stage's output dir, the MLflow store and the run lock live."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launcher: LaunchConfig = field(default_factory=LaunchConfig)
+    """Default launcher of every stage; a stage's own `launcher:` overrides fields of it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Default model of every training stage; a stage's `model:` overrides fields of it."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    sources: dict[str, Any] = field(default_factory=dict)
+    """name -> a data source (`kind:` one of data_recipes.sources.SOURCE_KINDS)."""
+    stages: dict[str, Any] = field(default_factory=dict)
+    """name -> a stage (`kind:` one of stages.config.STAGE_KINDS)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, check the schema and the semantics; raise RecipeError on any problem."""
+    from pipeline.validate import validate
+
+    raw = _read_yaml(path)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    recipe = conform(raw)
+    _absolute_paths(recipe, Path.cwd())
+    validate(recipe)
+    return recipe
+
+
+def _absolute_paths(recipe: Recipe, base: Path) -> None:
+    """Relative workdir and source paths are taken from the current directory, once, here, so the
+    jobs (which run in their own dirs, maybe on other nodes) and the hashes see absolute paths."""
+    recipe.workdir = str((base / os.path.expanduser(recipe.workdir)).resolve())
+    for source in recipe.sources.values():
+        if hasattr(source, "paths"):
+            source.paths = [str((base / os.path.expanduser(p)).resolve()) for p in source.paths]
+
+
+def _read_yaml(path: str | os.PathLike) -> DictConfig:
+    if not Path(path).is_file():
+        raise RecipeError([("", f"recipe file {path} does not exist")])
+    try:
+        raw = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise RecipeError([("", f"{path}: not valid YAML: {' '.join(str(e).split())}")]) from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError([("", f"{path}: a recipe is a mapping of keys, got a list")])
+    return raw
+
+
+def _apply_override(raw: DictConfig, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RecipeError([("", f"override {item!r} is not key=value (e.g. stages.pretrain.seed=2)")])
+    parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]  # YAML typing
+    try:
+        OmegaConf.update(raw, key, parsed, merge=True)
+    except OmegaConfBaseException as e:
+        raise RecipeError([(key, f"cannot override: {_reason(e)}")]) from None
+
+
+def conform(raw: DictConfig) -> Recipe:
+    """Check `raw` against the schemas; return a Recipe whose sources/stages are dataclasses."""
+    problems: list[tuple[str, str]] = []
+    top = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k not in ("sources", "stages")])
+    recipe = _structured(Recipe, top, "", problems)
+    for section, kinds in (("sources", SOURCE_KINDS), ("stages", STAGE_KINDS)):
+        node = raw.get(section)
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig):
+            problems.append((section, "must be a mapping of name -> {kind: ..., ...}"))
+            continue
+        items = {}
+        for name, item in node.items():
+            path = f"{section}.{name}"
+            kind = item.get("kind") if isinstance(item, DictConfig) else None
+            if kind not in kinds:
+                problems.append((f"{path}.kind", f"{kind!r} is not a {section[:-1]} kind; one of "
+                                                 f"{', '.join(sorted(kinds))}"))
+                continue
+            items[str(name)] = _structured(kinds[kind], item, path, problems)
+        if recipe is not None:
+            setattr(recipe, section, items)
+    if problems or recipe is None:
+        raise RecipeError(problems)
+    return recipe
+
+
+def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
+    """`node` checked against dataclass `cls` by OmegaConf, with full key paths in errors.
+
+    OmegaConf reports keys inside list items relative to the item, so list-of-dataclass fields
+    are checked item by item here (and get `phases[2].tokens`-style paths).
+    """
+    if not isinstance(node, DictConfig):
+        problems.append((path, f"must be a mapping, got {node!r}"))
+        return None
+    hints = typing.get_type_hints(cls)
+    node = node.copy()
+    items: dict[str, list] = {}
+    for f in dataclasses.fields(cls):
+        elem = _list_item_dataclass(hints[f.name])
+        if elem is not None and isinstance(node.get(f.name), ListConfig):
+            items[f.name] = [_structured(elem, x, f"{_join(path, f.name)}[{i}]", problems)
+                             for i, x in enumerate(node[f.name])]
+            del node[f.name]
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(cls), node)
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        problems.append((_join(path, _key_of(e)), _reason(e)))
+        return None
+    except ValueError as e:  # a dataclass's own __post_init__ check, worded "key: problem"
+        key, _, msg = str(e).partition(": ")
+        problems.append((_join(path, key), msg) if msg else (path, str(e)))
+        return None
+    for name, values in items.items():
+        setattr(obj, name, values)
+    return obj
+
+
+def _list_item_dataclass(hint: Any) -> type | None:
+    if typing.get_origin(hint) is list:
+        (arg,) = typing.get_args(hint)
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path and key else path or key
+
+
+def _key_of(e: OmegaConfBaseException) -> str:
+    return str(getattr(e, "full_key", "") or "")
+
+
+def _reason(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0].strip()
+    if type(e).__name__ == "MissingMandatoryValue":
+        return "missing value: this key must be set"
+    if type(e).__name__ == "ConfigKeyError" and msg.startswith("Key '"):
+        return "unknown key" + (f" ({msg.split('. ', 1)[1]})" if ". Did you mean" in msg else "")
+    return msg

@@ -1,0 +1,176 @@
+"""Run the stage graph on Ray: every stage not yet done becomes a Ray task that launches its job.
+
+Edges are ObjectRefs: a stage's task receives its upstreams' results, so Ray starts it when they
+end, and independent branches run at the same time. A task whose upstream did not finish returns
+`upstream_failed` without launching anything; other branches carry on. Stage tasks reserve no CPU
+(they only wait on a subprocess), so the cluster's CPUs stay free for the jobs' own Ray tasks
+(e.g. tokenization in `prepare`, which joins this cluster through PIPELINE_RAY_ADDRESS).
+
+Ctrl-C: the driver asks every running job to checkpoint and stop (SIGTERM), waits for them, marks
+them interrupted and exits 130; a second Ctrl-C kills them. A rerun resumes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from launch import local
+from pipeline.graph import StageNode, make_spec
+from pipeline.state import WorkdirLock, set_status, stage_state
+from pipeline.tracking import Tracker
+from stages.config import LaunchConfig
+from stages.contract import LOG, StageSpec, save_spec
+
+EXIT_INTERRUPTED = 130
+STOP_GRACE_S = 600.0  # how long Ctrl-C waits for jobs to checkpoint before giving up
+
+
+def run_stage_task(spec: dict, launcher: dict, env: dict, driver_pid: int, *upstream: dict) -> dict:
+    """Body of a stage's Ray task: launch the job unless an upstream did not finish."""
+    spec = StageSpec(**spec)
+    blocked = [u["stage"] for u in upstream if u["status"] != "done"]
+    if blocked:
+        error = f"not run: upstream {', '.join(blocked)} did not finish"
+        set_status(spec.out, "pending", error, driver_pid=driver_pid)
+        return {"stage": spec.name, "status": "upstream_failed", "error": error, "log": ""}
+    set_status(spec.out, "running", driver_pid=driver_pid)
+    result = local.run_job(spec, LaunchConfig(**launcher), env)
+    set_status(spec.out, result.status, result.error, driver_pid=driver_pid)
+    return {"stage": spec.name, **dataclasses.asdict(result)}
+
+
+def run_graph(graph: dict[str, StageNode], tracker_factory, *, ray_address: str | None = None,
+              workdir: Path) -> int:
+    """Run what is not done. Returns the exit code of `pipeline run`."""
+    with WorkdirLock(workdir):
+        states = {name: stage_state(node.output_dir).state for name, node in graph.items()}
+        todo = [name for name in graph if states[name] != "done"]
+        for name, node in graph.items():
+            print(f"  {name:<14} {node.kind:<10} {'skip (done)' if name not in todo else 'run':<12}"
+                  f" {node.output_dir}")
+        if not todo:
+            print(f"all {len(graph)} stages are complete; nothing to run")
+            return 0
+        tracker: Tracker = tracker_factory()
+        print(f"MLflow: {tracker.uri}  (mlflow ui --backend-store-uri {tracker.uri})", flush=True)
+        specs = {}
+        for name in todo:
+            node = graph[name]
+            node.output_dir.mkdir(parents=True, exist_ok=True)
+            run_id = tracker.stage_run(node)
+            specs[name] = make_spec(node, graph, tracker.uri, run_id)
+            save_spec(specs[name])
+            tracker.log_spec(run_id, node)
+        results = _execute(graph, todo, specs, ray_address)
+        for name, result in results.items():
+            tracker.stage_ended(specs[name].run_id, graph[name], result["status"])
+        ok = all(r["status"] == "done" for r in results.values())
+        tracker.finish(ok)
+        _summary(results)
+        if any(r["status"] == "interrupted" for r in results.values()):
+            return EXIT_INTERRUPTED
+        return 0 if ok else 1
+
+
+def _execute(graph: dict[str, StageNode], todo: list[str], specs: dict[str, StageSpec],
+             ray_address: str | None) -> dict[str, dict]:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False,
+             configure_logging=False, num_cpus=None if ray_address else os.cpu_count())
+    env = {"PIPELINE_RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    task = ray.remote(num_cpus=0, max_retries=0)(run_stage_task)
+    refs, names = {}, {}
+    logs = {name: _LogTail(specs[name].out / LOG, name) for name in todo}
+    for name in todo:  # graph order: upstream refs exist before their downstreams are submitted
+        node = graph[name]
+        upstream = [refs[d] for d in node.deps if d in refs]
+        refs[name] = task.remote(dataclasses.asdict(specs[name]),
+                                 dataclasses.asdict(node.launcher), env, os.getpid(), *upstream)
+        names[refs[name]] = name
+    results: dict[str, dict] = {}
+    pending = list(refs.values())
+    try:
+        while pending:
+            done, pending = ray.wait(pending, timeout=0.5)
+            for tail in logs.values():
+                tail.pump()
+            for ref in done:
+                result = ray.get(ref)
+                results[result["stage"]] = result
+                _report(result)
+    except KeyboardInterrupt:
+        _interrupt(graph, [n for n in todo if n not in results], results)
+    finally:
+        for tail in logs.values():
+            tail.pump()
+        ray.shutdown()
+    return results
+
+
+def _interrupt(graph: dict[str, StageNode], running: list[str], results: dict[str, dict]) -> None:
+    print("\ninterrupted: asking running stage jobs to checkpoint and stop "
+          "(Ctrl-C again to kill them)", flush=True)
+    pids = {name: local.stop_job(graph[name].output_dir) for name in running}
+    try:
+        for name, pid in pids.items():
+            if pid is not None and not local.wait_gone(pid, STOP_GRACE_S):
+                print(f"[{name}] did not stop within {STOP_GRACE_S:.0f} s", flush=True)
+    except KeyboardInterrupt:
+        for pid in filter(None, pids.values()):
+            os.killpg(pid, signal.SIGKILL)
+    for name in running:
+        out = graph[name].output_dir
+        ended = local.job_result(out, 1)
+        detail = "stopped after a checkpoint" if ended.status == "preempted" else "stopped"
+        set_status(out, "interrupted", f"{detail}; rerun to resume")
+        results[name] = {"stage": name, "status": "interrupted", "error": detail,
+                         "log": str(out / LOG)}
+
+
+def _report(result: dict) -> None:
+    name, status = result["stage"], result["status"]
+    line = f"[{name}] {status}"
+    if status != "done":
+        line += f": {result.get('error', '')}" + (f" (log: {result['log']})" if result["log"] else "")
+    print(line, flush=True)
+
+
+def _summary(results: dict[str, dict]) -> None:
+    bad = {n: r for n, r in results.items() if r["status"] != "done"}
+    if bad:
+        print("\nnot finished:", file=sys.stderr)
+        for name, r in bad.items():
+            print(f"  {name}: {r['status']}: {r.get('error', '')}"
+                  + (f" (log: {r['log']})" if r.get("log") else ""), file=sys.stderr)
+    else:
+        print(f"\nall {len(results)} stages finished", flush=True)
+
+
+class _LogTail:
+    """Print a job log's new lines as `[stage] line` (only what was written during this run)."""
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.name = path, name
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.partial = ""
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read().decode(errors="replace")
+                self.offset = f.tell()
+        except FileNotFoundError:
+            return
+        lines = (self.partial + chunk).split("\n")
+        self.partial = lines.pop()
+        for line in lines:
+            print(f"[{self.name}] {line}", flush=True)

@@ -1,0 +1,68 @@
+"""The common body of every stage job: run the stage, then say how it ended.
+
+    if __name__ == "__main__":
+        job.main(run)          # run(spec) -> dict of what was produced (goes into the manifest)
+
+Preemption: SIGTERM / SIGUSR1 set a flag (`preempt_requested()`); a training loop checks it at step
+boundaries, checkpoints, and raises `Preempted`. The job then exits with EXIT_PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from typing import Any, Callable
+
+from stages.contract import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, StageSpec, parse_spec_arg,
+                             write_exit_status, write_manifest)
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was written in answer to a preemption signal."""
+
+
+_preempt_signal: int | None = None
+
+
+def _on_signal(signum, _frame) -> None:
+    global _preempt_signal
+    if _preempt_signal is None:
+        print(f"[job] got {signal.Signals(signum).name}: will checkpoint at the next step boundary",
+              flush=True)
+    _preempt_signal = signum
+
+
+def install_preemption_handlers() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _on_signal)
+
+
+def preempt_requested() -> bool:
+    return _preempt_signal is not None
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def main(run: Callable[[StageSpec], dict[str, Any]], argv: list[str] | None = None) -> None:
+    spec = parse_spec_arg(argv)
+    install_preemption_handlers()
+    try:
+        produced = run(spec)
+    except Preempted as e:
+        if rank() == 0:
+            write_exit_status(spec, "preempted", detail=str(e))
+        print(f"[job] {spec.name}: preempted ({e}); exiting with {EXIT_PREEMPTED}", flush=True)
+        sys.exit(EXIT_PREEMPTED)
+    except BaseException as e:  # noqa: BLE001 - every failure must be recorded before exiting
+        traceback.print_exc()
+        if rank() == 0:
+            write_exit_status(spec, "failed", error=f"{type(e).__name__}: {e}")
+        sys.exit(EXIT_FAILED)
+    if rank() == 0:
+        write_manifest(spec, produced)
+        write_exit_status(spec, "done")
+    sys.exit(EXIT_OK)

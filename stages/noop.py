@@ -1,0 +1,34 @@
+"""A stage that does nothing but wait (and optionally fail): for DAG tests and orchestration benches.
+
+It goes through the same launcher, spec, manifest and MLflow path as every real stage, so the
+runner's behaviour (skip, concurrency, failure isolation, interruption) is tested on real jobs
+that take no time to compute anything.
+"""
+
+from __future__ import annotations
+
+import time
+
+from stages import job
+from stages.config import NoopConfig
+from stages.contract import StageSpec
+from stages.tracking import MetricLogger
+
+
+def run(spec: StageSpec) -> dict:
+    cfg = NoopConfig(**spec.config)
+    log = MetricLogger(spec)
+    deadline = time.monotonic() + cfg.seconds
+    while time.monotonic() < deadline:
+        if job.preempt_requested():
+            raise job.Preempted("asked to stop")
+        time.sleep(0.05)
+    if cfg.fail:
+        raise RuntimeError(cfg.fail_message)
+    log.log(0, {"waited_s": cfg.seconds})
+    log.close()
+    return {"waited_s": cfg.seconds, "inputs": sorted(spec.inputs)}
+
+
+if __name__ == "__main__":
+    job.main(run)

@@ -1,0 +1,108 @@
+"""Job-side MLflow logging into the run the driver created for this stage.
+
+Every metric is appended to `<output_dir>/metrics.jsonl` first (the local copy survives anything),
+then sent to MLflow in batches (`log_batch` is ~50x cheaper per metric than `log_metric`). If the
+tracking store is unreachable the batch stays queued and is retried at the next flush; a stage never
+fails because of tracking, it reports what could not be sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.contract import StageSpec
+
+FLUSH_EVERY_S = 5.0
+
+
+class MetricLogger:
+    def __init__(self, spec: StageSpec, rank: int = 0):
+        self.enabled = rank == 0
+        self.run_id = spec.run_id
+        self.uri = spec.tracking_uri
+        self.local = Path(spec.output_dir) / "metrics.jsonl"
+        self._queue: list[Any] = []
+        self._last_flush = time.monotonic()
+        self._client = None
+        self.unsent_warning_shown = False
+
+    @property
+    def client(self):
+        if self._client is None and self.run_id:
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with open(self.local, "a") as f:
+            f.write(json.dumps({"step": step, "time": now, **metrics}) + "\n")
+        self._queue += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send queued metrics; True when nothing is left unsent."""
+        self._last_flush = time.monotonic()
+        if not self.enabled or not self._queue or not self.client:
+            return not self._queue
+        try:
+            for i in range(0, len(self._queue), 1000):  # MLflow's per-request metric limit
+                self.client.log_batch(self.run_id, metrics=self._queue[i:i + 1000])
+            self._queue.clear()
+            return True
+        except Exception as e:  # tracking must never kill training
+            if not self.unsent_warning_shown:
+                print(f"[tracking] could not reach {self.uri}: {e}; metrics kept in {self.local} "
+                      "and retried", file=sys.stderr, flush=True)
+                self.unsent_warning_shown = True
+            return False
+
+    def params(self, params: dict[str, Any]) -> None:
+        if self.enabled and self.client:
+            self._guard(lambda: self.client.log_batch(self.run_id, params=_as_params(params)))
+
+    def artifact(self, path: str | os.PathLike, subdir: str | None = None) -> None:
+        if self.enabled and self.client:
+            self._guard(lambda: self.client.log_artifact(self.run_id, str(path), subdir))
+
+    def close(self) -> None:
+        if self.enabled and not self.flush():
+            print(f"[tracking] {len(self._queue)} metrics were not sent to MLflow; "
+                  f"they are in {self.local}", file=sys.stderr, flush=True)
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except Exception as e:
+            print(f"[tracking] {e}", file=sys.stderr, flush=True)
+
+
+def _as_params(params: dict[str, Any]):
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in params.items()]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"lr": {"max": 1}} -> {"lr.max": 1}; lists are indexed the way recipe overrides are."""
+    out: dict[str, Any] = {}
+    items = d.items() if isinstance(d, dict) else enumerate(d)
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, (dict, list)) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
