@@ -59,6 +59,11 @@ def _run(recipe, graph, args) -> int:
     from pipeline.state import LockedError
     from pipeline.tracking import Tracker
 
+    slurm = [name for name, node in graph.items() if node.launcher.kind == "slurm"]
+    if slurm:  # planned (issue: Slurm launcher); refuse before anything starts rather than half-run
+        print(f"error: stages {', '.join(slurm)} use launcher.kind=slurm, which this version cannot "
+              "launch yet; use `pipeline plan`, or set launcher.kind=local", file=sys.stderr)
+        return EXIT_BAD_RECIPE
     print(f"pipeline {recipe.name!r}: {len(graph)} stages, workdir {recipe.workdir}", flush=True)
     try:
         return run_graph(graph, lambda: Tracker(recipe), ray_address=args.ray_address,

@@ -128,11 +128,3 @@ def make_spec(node: StageNode, graph: dict[str, StageNode], tracking_uri: str = 
         model=node.model, sources=node.sources, tracking_uri=tracking_uri, run_id=run_id,
         hash=node.hash)
 
-
-def downstream_of(graph: dict[str, StageNode], names: set[str]) -> set[str]:
-    """`names` and every stage that depends on them, directly or not."""
-    out = set(names)
-    for name, node in graph.items():  # dependency order: upstreams are decided first
-        if any(d in out for d in node.deps):
-            out.add(name)
-    return out

@@ -34,16 +34,18 @@ def _pretrain(recipe: Recipe, graph: dict[str, StageNode], node: StageNode) -> l
     out = [f"model: {_human(params)} parameters ({model.num_layers} layers, hidden "
            f"{model.hidden_size}, ffn {model.ffn_hidden_size}, {model.num_attention_heads} heads / "
            f"{model.num_query_groups} kv groups, vocab {padded_vocab_size(vocab, model)})",
-           f"global batch: {cfg.global_batch_size} sequences (micro batch {cfg.micro_batch_size})",
-           f"{'phase':<22}{'tokens':>12}{'steps':>10}{'start step':>12}{'seq':>8}{'rope base':>11}"
-           f"{'lr':>22}  mixture"]
+           f"global batch: {cfg.global_batch_size} sequences (micro batch {cfg.micro_batch_size}); "
+           "per phase below",
+           f"{'phase':<22}{'tokens':>10}{'steps':>10}{'start step':>12}{'batch':>7}{'seq':>7}"
+           f"{'tokens/step':>13}{'rope base':>11}{'lr':>20}  mixture"]
     for phase in schedule.phases:
         lr = f"{schedule.lr(phase.start_step):.3g}..{schedule.lr(phase.end_step - 1):.3g}"
         mix = ", ".join(f"{s} {w:g}" for s, w in phase.mixture)
-        out.append(f"{phase.name:<22}{_human(phase.tokens):>12}{phase.steps:>10}"
-                   f"{phase.start_step:>12}{phase.seq_length:>8}{phase.rotary_base:>11g}{lr:>22}  {mix}")
+        out.append(f"{phase.name:<22}{_human(phase.tokens):>10}{phase.steps:>10}"
+                   f"{phase.start_step:>12}{phase.global_batch_size:>7}{phase.seq_length:>7}"
+                   f"{_human(phase.tokens_per_step):>13}{phase.rotary_base:>11g}{lr:>20}  {mix}")
     tokens = schedule.total_tokens
-    out.append(f"{'total':<22}{_human(tokens):>12}{schedule.total_steps:>10}   warmup "
+    out.append(f"{'total':<22}{_human(tokens):>10}{schedule.total_steps:>10}   warmup "
                f"{schedule.warmup_steps} steps, decay {schedule.decay_steps} steps "
                f"({cfg.lr.decay_style}), lr {cfg.lr.max:g} -> {cfg.lr.min:g}")
     flops = 6.0 * params * tokens

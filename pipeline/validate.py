@@ -80,9 +80,12 @@ def _check_pretrain(recipe: Recipe, path: str, cfg: PretrainConfig) -> list[tupl
     if model.num_attention_heads % model.num_query_groups:
         problems.append((f"{model_key}.num_query_groups", f"{model.num_query_groups} does not divide "
                                                           f"num_attention_heads {model.num_attention_heads}"))
-    if cfg.global_batch_size % cfg.micro_batch_size:
-        problems.append((f"{path}.global_batch_size", f"{cfg.global_batch_size} is not a multiple of "
-                                                      f"micro_batch_size {cfg.micro_batch_size}"))
+    batches = [(f"{path}.global_batch_size", cfg.global_batch_size)] + [
+        (f"{path}.phases[{i}].global_batch_size", p.global_batch_size)
+        for i, p in enumerate(cfg.phases) if p.global_batch_size]
+    for key, gbs in batches:
+        if gbs % cfg.micro_batch_size:
+            problems.append((key, f"{gbs} is not a multiple of micro_batch_size {cfg.micro_batch_size}"))
     data_sources = set(recipe.stages[cfg.data].sources)
     for i, phase in enumerate(cfg.phases):
         key = f"{path}.phases[{i}].mixture"

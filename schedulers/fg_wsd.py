@@ -6,8 +6,8 @@ over `warmup_tokens`, stays at `max` and decays over the last `decay_tokens`, wi
 Megatron's WSD scheduler defines. `lr(step)` equals megatron.core's OptimizerParamScheduler
 ("WSD", lr_warmup_steps=W, lr_decay_steps=T, wsd_decay_steps=D) at every step; the tests check it.
 
-Tokens become steps per phase: `round(tokens / (global_batch * seq_length))`, so a phase with a
-longer sequence has fewer, bigger steps. No megatron import here: `pipeline plan` uses this module.
+Tokens become steps per phase: `round(tokens / (global_batch * seq_length))`; a phase may change
+both (a long-context decay usually takes fewer, longer sequences per step). No megatron import here: `pipeline plan` uses this module.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class PhaseSpec:
     mixture: Mapping[str, float]
     seq_length: int
     rotary_base: float
+    global_batch_size: int
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Phase:
     steps: int
     seq_length: int
     rotary_base: float
+    global_batch_size: int
+    """Sequences per step in this phase (long-context phases usually take fewer)."""
     tokens_per_step: int
     start_tokens: int
     mixture: tuple[tuple[str, float], ...]
@@ -61,7 +64,6 @@ class Phase:
 @dataclass(frozen=True)
 class FGWSDSchedule:
     phases: tuple[Phase, ...]
-    global_batch_size: int
     warmup_steps: int
     decay_steps: int
     lr_max: float
@@ -125,24 +127,23 @@ def decay_coeff(style: str, done: float) -> float:
     raise ValueError(f"unknown decay style {style!r}; one of {', '.join(DECAY_STYLES)}")
 
 
-def build_schedule(phases: Sequence[PhaseSpec], global_batch_size: int, *, lr_max: float,
+def build_schedule(phases: Sequence[PhaseSpec], *, lr_max: float,
                    lr_min: float, lr_init: float, warmup_tokens: float, decay_tokens: float,
                    decay_style: str) -> FGWSDSchedule:
     """Lay the phases out in steps and place warmup and decay on them. Call `check` for errors."""
     laid: list[Phase] = []
     step = tokens = 0
     for i, p in enumerate(phases):
-        tps = global_batch_size * p.seq_length
+        tps = p.global_batch_size * p.seq_length
         steps = max(int(round(p.tokens / tps)), 0)
-        laid.append(Phase(i, p.name, step, steps, p.seq_length, p.rotary_base, tps, tokens,
-                          tuple(sorted(p.mixture.items()))))
+        laid.append(Phase(i, p.name, step, steps, p.seq_length, p.rotary_base, p.global_batch_size,
+                          tps, tokens, tuple(sorted(p.mixture.items()))))
         step += steps
         tokens += steps * tps
-    draft = FGWSDSchedule(tuple(laid), global_batch_size, 0, 0, lr_max, lr_min, lr_init, decay_style)
+    draft = FGWSDSchedule(tuple(laid), 0, 0, lr_max, lr_min, lr_init, decay_style)
     warmup = draft.step_at_tokens(warmup_tokens)
     decay = draft.total_steps - draft.step_at_tokens(max(draft.total_tokens - decay_tokens, 0))
-    return FGWSDSchedule(tuple(laid), global_batch_size, warmup, decay, lr_max, lr_min, lr_init,
-                         decay_style)
+    return FGWSDSchedule(tuple(laid), warmup, decay, lr_max, lr_min, lr_init, decay_style)
 
 
 def check(schedule: FGWSDSchedule, phases: Sequence[PhaseSpec], warmup_tokens: float,
@@ -159,7 +160,7 @@ def check(schedule: FGWSDSchedule, phases: Sequence[PhaseSpec], warmup_tokens: f
         if phase.steps < 1:
             errors.append((key, f"{spec.tokens:g} tokens is less than one step "
                                 f"({phase.tokens_per_step} tokens = global_batch_size "
-                                f"{schedule.global_batch_size} x seq_length {phase.seq_length})"))
+                                f"{phase.global_batch_size} x seq_length {phase.seq_length})"))
         elif abs(phase.tokens - spec.tokens) > ROUNDING_TOLERANCE * spec.tokens:
             errors.append((key, f"{spec.tokens:g} tokens is {spec.tokens / phase.tokens_per_step:.2f} "
                                 f"steps of {phase.tokens_per_step} tokens; make it a near-whole "

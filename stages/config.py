@@ -75,11 +75,15 @@ class LaunchConfig:
     """How a stage job is started. Global in the recipe, overridable per stage."""
 
     kind: str = "local"
-    """local (torchrun subprocess); slurm comes with the Slurm launcher."""
+    """local (torchrun subprocess on this machine) | slurm (the Slurm launcher: not built yet)."""
     nproc_per_node: int = 1
     nodes: int = 1
     gpus_per_node: int = 0
     """0 on CPU; used by `pipeline plan` for the GPU-hours estimate."""
+
+    def __post_init__(self):
+        if self.kind not in ("local", "slurm"):
+            raise ValueError(f"kind: {self.kind!r} is not a launcher; one of local, slurm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,6 +157,8 @@ class PhaseConfig:
     """Longer context for this phase (the decay in the paper); default: the model's."""
     rotary_base: Optional[float] = None
     """Larger RoPE base for this phase (ABF); default: the model's."""
+    global_batch_size: Optional[int] = None
+    """Sequences per step in this phase; default: the stage's."""
 
 
 @dataclass
@@ -213,34 +219,18 @@ def phase_specs(cfg: PretrainConfig, model: ModelConfig) -> list:
     from schedulers.fg_wsd import PhaseSpec
 
     return [PhaseSpec(p.name, float(p.tokens), dict(p.mixture), p.seq_length or model.seq_length,
-                      p.rotary_base or model.rotary_base) for p in cfg.phases]
+                      p.rotary_base or model.rotary_base,
+                      p.global_batch_size or cfg.global_batch_size) for p in cfg.phases]
 
 
 def pretrain_schedule(cfg: PretrainConfig, model: ModelConfig):
     """The FG-WSD schedule (phases in steps, LR) that a pretrain config describes."""
     from schedulers.fg_wsd import build_schedule
 
-    return build_schedule(phase_specs(cfg, model), cfg.global_batch_size, lr_max=cfg.lr.max,
+    return build_schedule(phase_specs(cfg, model), lr_max=cfg.lr.max,
                           lr_min=cfg.lr.min, lr_init=cfg.lr.init,
                           warmup_tokens=float(cfg.lr.warmup_tokens),
                           decay_tokens=float(cfg.lr.decay_tokens), decay_style=cfg.lr.decay_style)
-
-
-def padded_vocab_size(vocab_size: int, model: ModelConfig, tensor_parallel: int = 1) -> int:
-    """Megatron's convention: pad the vocabulary to a multiple of divisible_by x TP size."""
-    multiple = model.make_vocab_size_divisible_by * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
-
-
-def num_params(model: ModelConfig, vocab_size: int) -> int:
-    """Parameters of the Llama-style GPTModel that `stages.model.build_model` builds (no torch)."""
-    h, f = model.hidden_size, model.ffn_hidden_size
-    head_dim = h // model.num_attention_heads
-    qkv = h * (h + 2 * model.num_query_groups * head_dim)
-    layer = 2 * h + qkv + h * h + h * 2 * f + f * h  # 2 RMSNorms, qkv, proj, SwiGLU fc1 (gate+up), fc2
-    vocab = padded_vocab_size(vocab_size, model)
-    embeddings = vocab * h * (1 if model.tie_embeddings else 2)
-    return model.num_layers * layer + h + embeddings  # + final norm
 
 
 def padded_vocab_size(vocab_size: int, model: ModelConfig) -> int:

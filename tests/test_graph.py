@@ -1,0 +1,59 @@
+"""Stage graph: content hashes, what an override invalidates, dependency order."""
+
+from pipeline.graph import build_graph
+from pipeline.recipe import load_recipe
+
+from conftest import REPO
+
+TINY = REPO / "recipes" / "tiny.yaml"
+
+
+def hashes(*overrides):
+    return {n: node.hash for n, node in build_graph(load_recipe(TINY, list(overrides))).items()}
+
+
+def test_hash_is_stable_and_dirs_are_name_dash_hash8():
+    graph = build_graph(load_recipe(TINY))
+    assert list(graph) == ["tokenizer", "prepare", "pretrain"]
+    assert hashes() == hashes()
+    for name, node in graph.items():
+        assert node.output_dir.name == f"{name}-{node.hash[:8]}"
+
+
+def test_override_reruns_the_stage_and_its_downstream_only():
+    base = hashes()
+    changed = hashes("stages.pretrain.phases.2.tokens=49152")
+    assert [n for n in base if base[n] != changed[n]] == ["pretrain"]
+    changed = hashes("stages.tokenizer.vocab_size=1024")
+    assert [n for n in base if base[n] != changed[n]] == ["tokenizer", "prepare", "pretrain"]
+    changed = hashes("sources.arithmetic.num_docs=100")  # read by tokenizer and prepare
+    assert [n for n in base if base[n] != changed[n]] == ["tokenizer", "prepare", "pretrain"]
+    changed = hashes("model.num_layers=3")  # only the training stage has a model
+    assert [n for n in base if base[n] != changed[n]] == ["pretrain"]
+
+
+def test_fields_that_do_not_change_outputs_do_not_change_the_hash():
+    base = hashes()
+    assert hashes("stages.pretrain.log_every=1", "stages.pretrain.checkpoint_every=7",
+                  "stages.prepare.docs_per_task=64", "stages.pretrain.launcher={nproc_per_node: 2}",
+                  "launcher.nproc_per_node=2", "workdir=runs/tiny") == base
+
+
+def test_edges_hash_by_upstream_content_not_name(write_recipe):
+    a = write_recipe("""
+        name: x
+        workdir: w
+        stages:
+          first: {kind: noop, seconds: 1}
+          second: {kind: noop, input: first}
+    """, "a.yaml")
+    b = write_recipe("""
+        name: x
+        workdir: w
+        stages:
+          renamed: {kind: noop, seconds: 1}
+          second: {kind: noop, input: renamed}
+    """, "b.yaml")
+    ga, gb = build_graph(load_recipe(a)), build_graph(load_recipe(b))
+    assert ga["second"].hash == gb["second"].hash
+

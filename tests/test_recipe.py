@@ -1,0 +1,122 @@
+"""Recipe validation: each error class gives one line naming the key, exit code 2, nothing started."""
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.recipe import RecipeError, load_recipe
+
+from conftest import REPO
+
+TINY = REPO / "recipes" / "tiny.yaml"
+
+
+def errors_of(overrides, recipe=TINY):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe, overrides)
+    return dict(e.value.problems)
+
+
+def test_tiny_and_nanbeige_recipes_are_valid():
+    for name in ("tiny.yaml", "nanbeige3b.yaml"):
+        recipe = load_recipe(REPO / "recipes" / name)
+        assert "pretrain" in recipe.stages
+
+
+def test_unknown_key_names_the_full_path():
+    errors = errors_of(["stages.pretrain.phases.1.tokenz=3"])
+    assert list(errors) == ["stages.pretrain.phases[1].tokenz"]
+    assert "unknown key" in errors["stages.pretrain.phases[1].tokenz"]
+    assert "unknown key" in errors_of(["model.hiden_size=3"])["model.hiden_size"]
+
+
+def test_wrong_type():
+    errors = errors_of(["stages.pretrain.global_batch_size=many"])
+    assert "could not be converted to Integer" in errors["stages.pretrain.global_batch_size"]
+
+
+def test_missing_value():
+    errors = errors_of(["stages.pretrain.lr.warmup_tokens=???"])
+    assert errors == {"stages.pretrain.lr.warmup_tokens": "missing value: this key must be set"}
+
+
+def test_unknown_kind():
+    errors = errors_of(["stages.prepare.kind=tokenise"])
+    assert "is not a stage kind" in errors["stages.prepare.kind"]
+
+
+def test_mixture_weights_must_sum_to_one():
+    errors = errors_of(["stages.pretrain.phases.2.mixture.code=0.3"])
+    assert errors == {"stages.pretrain.phases[2].mixture": "weights sum to 0.9, must sum to 1"}
+
+
+def test_mixture_names_a_source_the_data_stage_does_not_prepare():
+    errors = errors_of(["stages.pretrain.phases.0.mixture.web=0.0"])
+    assert "not a source of stage 'prepare'" in errors["stages.pretrain.phases[0].mixture.web"]
+
+
+def test_phase_budget_inconsistent_with_the_schedule():
+    errors = errors_of(["stages.pretrain.phases.3.tokens=40500"])
+    assert "near-whole number of steps" in errors["stages.pretrain.phases[3].tokens"]
+    errors = errors_of(["stages.pretrain.lr.decay_tokens=500000"])
+    assert "exceed the phases' total" in errors["stages.pretrain.lr.decay_tokens"]
+
+
+def test_mixture_change_outside_constant_lr():
+    errors = errors_of(["stages.pretrain.lr.decay_tokens=122880"])  # decay from step 100
+    assert "inside the LR decay" in errors["stages.pretrain.phases[4].mixture"]
+
+
+def test_dependency_cycle(write_recipe):
+    path = write_recipe("""
+        name: c
+        workdir: w
+        stages:
+          a: {kind: noop, input: c}
+          b: {kind: noop, input: a}
+          c: {kind: noop, after: [b]}
+    """)
+    errors = errors_of([], path)
+    assert errors == {"stages.a": "dependency cycle: a -> c -> b -> a"}
+
+
+def test_reference_to_unknown_stage_and_wrong_kind():
+    errors = errors_of(["stages.pretrain.data=prep", "stages.prepare.tokenizer=prepare",
+                        "stages.tokenizer.after=[nope]"])
+    assert "'prep' is not a stage of this recipe" in errors["stages.pretrain.data"]
+    assert "expected a tokenizer stage" in errors["stages.prepare.tokenizer"]
+    assert "'nope' is not a stage" in errors["stages.tokenizer.after[0]"]
+
+
+def test_missing_data_path(write_recipe, tmp_path):
+    (tmp_path / "here.txt").write_text("x")
+    path = write_recipe(f"""
+        name: m
+        workdir: w
+        sources:
+          web: {{kind: text, paths: [{tmp_path}/here.txt, {tmp_path}/gone.txt]}}
+        stages:
+          tok: {{kind: tokenizer, sources: [web, nosuch]}}
+    """)
+    errors = errors_of([], path)
+    assert errors["sources.web.paths[1]"] == f"{tmp_path}/gone.txt does not exist"
+    assert "'nosuch' is not a source" in errors["stages.tok.sources[1]"]
+
+
+def test_cli_prints_one_line_per_problem_exits_2_and_starts_nothing(tmp_path, capsys):
+    workdir = tmp_path / "wd"
+    code = main(["run", str(TINY), f"workdir={workdir}", "stages.pretrain.phases.2.mixture.code=0.3",
+                 "stages.tokenizer.sources=[code,web]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["error: stages.tokenizer.sources[1]: 'web' is not a source of this recipe "
+                   "(code, prose, arithmetic)",
+                   "error: stages.pretrain.phases[2].mixture: weights sum to 0.9, must sum to 1"]
+    assert not workdir.exists()
+
+
+def test_bad_override_syntax_and_bad_yaml(write_recipe, capsys):
+    assert main(["plan", str(TINY), "stages.pretrain.seed"]) == 2
+    assert "is not key=value" in capsys.readouterr().err
+    path = write_recipe("name: [unclosed\n")
+    assert main(["plan", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err

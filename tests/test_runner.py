@@ -1,0 +1,130 @@
+"""The Ray runner on real (trivial) stage jobs: skip, concurrency, failure isolation, lock,
+Ctrl-C, and what lands in MLflow."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main
+from pipeline.state import WorkdirLock, stage_state
+
+DAG = """
+    name: dag
+    workdir: {workdir}
+    stages:
+      a: {{kind: noop, seconds: 0.5}}
+      b: {{kind: noop, input: a}}
+      broken: {{kind: noop, input: a, fail: true}}
+      after_broken: {{kind: noop, input: broken}}
+      joined: {{kind: noop, after: [b, after_broken]}}
+      side: {{kind: noop, seconds: 2}}
+"""
+
+
+def stage_dirs(workdir):
+    return {p.name.rsplit("-", 1)[0]: p for p in workdir.iterdir() if p.is_dir() and "-" in p.name}
+
+
+def test_failure_fails_descendants_only_then_rerun_skips_done(write_recipe, tmp_path, capsys):
+    workdir = tmp_path / "wd"
+    recipe = write_recipe(DAG.format(workdir=workdir))
+    assert main(["run", str(recipe)]) == 1
+    out = capsys.readouterr()
+    dirs = stage_dirs(workdir)
+    done = {n for n, d in dirs.items() if (d / "manifest.json").exists()}
+    assert done == {"a", "b", "side"}
+    assert "broken: failed: RuntimeError: failed on purpose" in out.err
+    assert f"(log: {dirs['broken'] / 'job.log'})" in out.err
+    assert "after_broken: upstream_failed" in out.err and "joined: upstream_failed" in out.err
+
+    # status shows each state and run id
+    assert main(["status", str(recipe)]) == 0
+    status = capsys.readouterr().out
+    assert [line.split()[2] for line in status.splitlines()[1:] if not line.startswith(" ")] == [
+        "done", "done", "failed", "pending", "pending", "done"]
+
+    # MLflow: one parent, one nested run per stage, params, step metrics, artifacts
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dag")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parents) == 1 and set(children) == set(dirs)
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children.values())
+    a = children["a"]
+    assert a.info.status == "FINISHED" and children["broken"].info.status == "FAILED"
+    assert a.data.params["config.seconds"] == "0.5"
+    assert a.data.metrics["waited_s"] == 0.5
+    artifacts = {f.path for f in client.list_artifacts(a.info.run_id)}
+    assert {"spec.json", "manifest.json", "job.log"} <= artifacts
+
+    # rerun: done stages are skipped, the failed one is tried again (and fails again)
+    assert main(["run", str(recipe)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("skip (done)") == 3
+
+
+def test_independent_branches_run_concurrently(write_recipe, tmp_path):
+    workdir = tmp_path / "wd"
+    recipe = write_recipe(f"""
+        name: par
+        workdir: {workdir}
+        stages:
+          x: {{kind: noop, seconds: 4}}
+          y: {{kind: noop, seconds: 4}}
+    """)
+    assert main(["run", str(recipe)]) == 0
+    spans = []
+    for d in stage_dirs(workdir).values():
+        lines = (d / "metrics.jsonl").read_text().splitlines()
+        ended = json.loads(lines[-1])["time"] / 1000
+        spans.append((ended - 4, ended))
+    (s1, e1), (s2, e2) = spans
+    assert min(e1, e2) > max(s1, s2)  # the two 4 s waits overlapped in time
+
+
+def test_second_run_on_a_locked_workdir_is_refused(write_recipe, tmp_path, capsys):
+    workdir = tmp_path / "wd"
+    recipe = write_recipe(f"name: l\nworkdir: {workdir}\nstages:\n  a: {{kind: noop}}\n")
+    with WorkdirLock(workdir):
+        assert main(["run", str(recipe)]) == 3
+    err = capsys.readouterr().err
+    assert "is in use by another `pipeline run` (pid" in err
+    assert not stage_dirs(workdir)
+
+
+def test_ctrl_c_asks_jobs_to_stop_and_waits_for_them(write_recipe, tmp_path):
+    workdir = tmp_path / "wd"
+    recipe = write_recipe(f"""
+        name: cc
+        workdir: {workdir}
+        stages:
+          slow: {{kind: noop, seconds: 60}}
+    """)
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(recipe)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        dirs = stage_dirs(workdir) if workdir.exists() else {}
+        log = dirs.get("slow", workdir / "none") / "job.log"
+        if log.exists() and "starting" in log.read_text():
+            break
+        time.sleep(0.2)
+    time.sleep(3)  # let the job get into its loop
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 130, out
+    assert "asking running stage jobs to checkpoint and stop" in out
+    d = stage_dirs(workdir)["slow"]
+    assert json.loads((d / "exit.json").read_text())["status"] == "preempted"
+    assert json.loads((d / "status.json").read_text())["state"] == "interrupted"
+    pid = int((d / "job.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # nothing of the job is left running
+    assert stage_state(d).state == "interrupted"
