@@ -30,6 +30,8 @@ class JobResult:
     exit_code: int
     log: str
     error: str = ""
+    seconds: float = 0.0
+    """Wall time of the job process (torchrun and all)."""
 
 
 def command(spec: StageSpec, launcher: LaunchConfig) -> list[str]:
@@ -52,8 +54,11 @@ def run_job(spec: StageSpec, launcher: LaunchConfig, env: dict[str, str] | None 
                                 stdin=subprocess.DEVNULL, env=job_env, cwd=out,
                                 start_new_session=True)
         (out / PID_FILE).write_text(str(proc.pid))
+        started = time.monotonic()
         code = proc.wait()
-    return job_result(out, code)
+    result = job_result(out, code)
+    result.seconds = time.monotonic() - started
+    return result
 
 
 def job_result(out: Path, code: int) -> JobResult:

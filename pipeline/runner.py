@@ -16,7 +16,7 @@ import dataclasses
 import os
 import signal
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from launch import local
@@ -40,11 +40,11 @@ def run_stage_task(spec: dict, launcher: dict, env: dict, driver_pid: int, *upst
         return {"stage": spec.name, "status": "upstream_failed", "error": error, "log": ""}
     set_status(spec.out, "running", driver_pid=driver_pid)
     result = local.run_job(spec, LaunchConfig(**launcher), env)
-    set_status(spec.out, result.status, result.error, driver_pid=driver_pid)
+    set_status(spec.out, result.status, result.error, driver_pid=driver_pid, seconds=result.seconds)
     return {"stage": spec.name, **dataclasses.asdict(result)}
 
 
-def run_graph(graph: dict[str, StageNode], tracker_factory, *, ray_address: str | None = None,
+def run_graph(graph: dict[str, StageNode], make_tracker, *, ray_address: str | None = None,
               workdir: Path) -> int:
     """Run what is not done. Returns the exit code of `pipeline run`."""
     with WorkdirLock(workdir):
@@ -56,19 +56,17 @@ def run_graph(graph: dict[str, StageNode], tracker_factory, *, ray_address: str 
         if not todo:
             print(f"all {len(graph)} stages are complete; nothing to run")
             return 0
-        tracker: Tracker = tracker_factory()
-        print(f"MLflow: {tracker.uri}  (mlflow ui --backend-store-uri {tracker.uri})", flush=True)
-        specs = {}
-        for name in todo:
-            node = graph[name]
-            node.output_dir.mkdir(parents=True, exist_ok=True)
-            run_id = tracker.stage_run(node)
-            specs[name] = make_spec(node, graph, tracker.uri, run_id)
-            save_spec(specs[name])
-            tracker.log_spec(run_id, node)
-        results = _execute(graph, todo, specs, ray_address)
-        for name, result in results.items():
-            tracker.stage_ended(specs[name].run_id, graph[name], result["status"])
+        # MLflow's store and Ray each take seconds to start: overlap them.
+        with ThreadPoolExecutor(1) as pool:
+            opening = pool.submit(_open_runs, make_tracker, graph, todo)
+            env = _start_ray(ray_address)
+            tracker, specs = opening.result()
+        try:
+            results = _execute(graph, todo, specs, env, tracker)
+        finally:
+            import ray
+
+            ray.shutdown()
         ok = all(r["status"] == "done" for r in results.values())
         tracker.finish(ok)
         _summary(results)
@@ -77,45 +75,69 @@ def run_graph(graph: dict[str, StageNode], tracker_factory, *, ray_address: str 
         return 0 if ok else 1
 
 
-def _execute(graph: dict[str, StageNode], todo: list[str], specs: dict[str, StageSpec],
-             ray_address: str | None) -> dict[str, dict]:
+def _open_runs(make_tracker, graph: dict[str, StageNode], todo: list[str]):
+    """The MLflow runs of the stages to run, and their specs (written into their output dirs)."""
+    tracker: Tracker = make_tracker()
+    print(f"MLflow: {tracker.uri}  (mlflow ui --backend-store-uri {tracker.uri})", flush=True)
+    specs = {}
+    for name in todo:
+        node = graph[name]
+        node.output_dir.mkdir(parents=True, exist_ok=True)
+        run_id = tracker.stage_run(node)
+        specs[name] = make_spec(node, graph, tracker.uri, run_id)
+        save_spec(specs[name])
+        tracker.log_spec(run_id, node)
+    return tracker, specs
+
+
+def _start_ray(ray_address: str | None) -> dict[str, str]:
+    """Start (or join) Ray; returns the env that lets stage jobs join the same cluster."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False,
              configure_logging=False, num_cpus=None if ray_address else os.cpu_count())
-    env = {"PIPELINE_RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return {"PIPELINE_RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
+def _execute(graph: dict[str, StageNode], todo: list[str], specs: dict[str, StageSpec],
+             env: dict[str, str], tracker: Tracker) -> dict[str, dict]:
+    import ray
+
     task = ray.remote(num_cpus=0, max_retries=0)(run_stage_task)
-    refs, names = {}, {}
-    logs = {name: _LogTail(specs[name].out / LOG, name) for name in todo}
+    refs = {}
+    logs = [_LogTail(specs[name].out / LOG, name) for name in todo]
     for name in todo:  # graph order: upstream refs exist before their downstreams are submitted
         node = graph[name]
         upstream = [refs[d] for d in node.deps if d in refs]
         refs[name] = task.remote(dataclasses.asdict(specs[name]),
                                  dataclasses.asdict(node.launcher), env, os.getpid(), *upstream)
-        names[refs[name]] = name
     results: dict[str, dict] = {}
     pending = list(refs.values())
     try:
         while pending:
             done, pending = ray.wait(pending, timeout=0.5)
-            for tail in logs.values():
+            for tail in logs:
                 tail.pump()
             for ref in done:
                 result = ray.get(ref)
                 results[result["stage"]] = result
                 _report(result)
+                tracker.stage_ended(specs[result["stage"]].run_id, graph[result["stage"]],
+                                    result["status"])
     except KeyboardInterrupt:
-        _interrupt(graph, [n for n in todo if n not in results], results)
+        stopped = _interrupt(graph, [n for n in todo if n not in results])
+        for name, result in stopped.items():
+            results[name] = result
+            tracker.stage_ended(specs[name].run_id, graph[name], result["status"])
     finally:
-        for tail in logs.values():
+        for tail in logs:
             tail.pump()
-        ray.shutdown()
     return results
 
 
-def _interrupt(graph: dict[str, StageNode], running: list[str], results: dict[str, dict]) -> None:
+def _interrupt(graph: dict[str, StageNode], running: list[str]) -> dict[str, dict]:
     print("\ninterrupted: asking running stage jobs to checkpoint and stop "
           "(Ctrl-C again to kill them)", flush=True)
     pids = {name: local.stop_job(graph[name].output_dir) for name in running}
@@ -126,13 +148,20 @@ def _interrupt(graph: dict[str, StageNode], running: list[str], results: dict[st
     except KeyboardInterrupt:
         for pid in filter(None, pids.values()):
             os.killpg(pid, signal.SIGKILL)
+    results = {}
     for name in running:
         out = graph[name].output_dir
+        if pids[name] is None:  # its job had not started yet
+            set_status(out, "pending", "not started: the run was interrupted")
+            results[name] = {"stage": name, "status": "interrupted", "error": "not started",
+                             "log": ""}
+            continue
         ended = local.job_result(out, 1)
         detail = "stopped after a checkpoint" if ended.status == "preempted" else "stopped"
         set_status(out, "interrupted", f"{detail}; rerun to resume")
         results[name] = {"stage": name, "status": "interrupted", "error": detail,
                          "log": str(out / LOG)}
+    return results
 
 
 def _report(result: dict) -> None:
