@@ -1,4 +1,27 @@
+import os
+import textwrap
+from pathlib import Path
+
 import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a YAML recipe (dedented) into tmp_path and return its path."""
+
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="session")
