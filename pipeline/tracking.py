@@ -41,6 +41,7 @@ class Tracker:
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
             name, artifact_location=(self.workdir / "mlartifacts").as_uri())
         self.parent_id = self._parent_run(recipe)
+        self._log_recipe(recipe)
 
     def _parent_run(self, recipe: Recipe) -> str:
         saved = self.workdir / PARENT
@@ -89,7 +90,12 @@ class Tracker:
                 self.client.log_artifact(run_id, str(node.output_dir / name))
         self.client.set_terminated(run_id, END_STATUS.get(status, "FAILED"))
 
-    def log_recipe(self, path: Path) -> None:
+    def _log_recipe(self, recipe: Recipe) -> None:
+        """The recipe as resolved (defaults, overrides, absolute paths) on the parent run."""
+        from omegaconf import OmegaConf
+
+        path = self.workdir / "recipe.resolved.yaml"
+        path.write_text(OmegaConf.to_yaml(OmegaConf.structured(recipe)))
         self.client.log_artifact(self.parent_id, str(path))
 
     def finish(self, ok: bool) -> None:

@@ -89,8 +89,14 @@ def write_manifest(spec: StageSpec, produced: dict[str, Any]) -> None:
 
 
 def write_exit_status(spec: StageSpec, status: str, **info: Any) -> None:
-    """status: done | preempted | failed. Read by the launcher to map the job's end."""
-    write_json_atomic(spec.out / EXIT_STATUS, {"status": status, **info})
+    """status: done | preempted | failed. Read by the launcher to map the job's end.
+
+    Also records this process's peak RSS (rank 0's), which the memory bench reads."""
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    write_json_atomic(spec.out / EXIT_STATUS, {"status": status, "peak_rss_mb": round(peak_mb, 1),
+                                               **info})
 
 
 def parse_spec_arg(argv: list[str] | None = None) -> StageSpec:

@@ -23,6 +23,7 @@ FLUSH_EVERY_S = 5.0
 class MetricLogger:
     def __init__(self, spec: StageSpec, rank: int = 0):
         self.enabled = rank == 0
+        self.tracked = bool(spec.run_id)  # no run id (a job run by hand, tests): local file only
         self.run_id = spec.run_id
         self.uri = spec.tracking_uri
         self.local = Path(spec.output_dir) / "metrics.jsonl"
@@ -48,7 +49,8 @@ class MetricLogger:
         now = int(time.time() * 1000)
         with open(self.local, "a") as f:
             f.write(json.dumps({"step": step, "time": now, **metrics}) + "\n")
-        self._queue += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if self.tracked:
+            self._queue += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
             self.flush()
 
