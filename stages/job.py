@@ -29,7 +29,7 @@ _preempt_signal: int | None = None
 def _on_signal(signum, _frame) -> None:
     global _preempt_signal
     if _preempt_signal is None:
-        print(f"[job] got {signal.Signals(signum).name}: will checkpoint at the next step boundary",
+        print(f"got {signal.Signals(signum).name}: will checkpoint at the next step boundary",
               flush=True)
     _preempt_signal = signum
 
@@ -55,7 +55,7 @@ def main(run: Callable[[StageSpec], dict[str, Any]], argv: list[str] | None = No
     except Preempted as e:
         if rank() == 0:
             write_exit_status(spec, "preempted", detail=str(e))
-        print(f"[job] {spec.name}: preempted ({e}); exiting with {EXIT_PREEMPTED}", flush=True)
+        print(f"{spec.name}: preempted ({e}); exiting with {EXIT_PREEMPTED}", flush=True)
         sys.exit(EXIT_PREEMPTED)
     except BaseException as e:  # noqa: BLE001 - every failure must be recorded before exiting
         traceback.print_exc()

@@ -52,7 +52,7 @@ class _Progress:
         now = time.perf_counter()
         if now - self.last >= PROGRESS_EVERY_S:
             self.last = now
-            print(f"[prepare] {self.name}: {docs} docs, {tokens} tokens, "
+            print(f"{self.name}: {docs} docs, {tokens} tokens, "
                   f"{tokens / (now - self.start):,.0f} tokens/s", flush=True)
 
 
@@ -91,13 +91,13 @@ def run(spec: StageSpec) -> dict[str, Any]:
         prefix = shards_dir / name
         record = _completed(prefix, tok["sha256"])
         if record is not None:
-            print(f"[prepare] {name}: done earlier ({record['documents']} docs, "
+            print(f"{name}: done earlier ({record['documents']} docs, "
                   f"{record['tokens']} tokens), skipping", flush=True)
         else:
-            print(f"[prepare] {name}: tokenizing", flush=True)
+            print(f"{name}: tokenizing", flush=True)
             record = prepare_source(name, spec.sources[name], tok["model_file"], tok["sha256"],
                                     prefix, cfg.docs_per_task)
-            print(f"[prepare] {name}: {record['documents']} docs, {record['tokens']} tokens, "
+            print(f"{name}: {record['documents']} docs, {record['tokens']} tokens, "
                   f"{record['tokens_per_s']:,.0f} tokens/s", flush=True)
             logger.log(i, {"documents": record["documents"], "tokens": record["tokens"],
                            "tokens_per_s": record["tokens_per_s"]})

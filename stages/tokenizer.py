@@ -53,7 +53,7 @@ def run(spec: StageSpec) -> dict[str, Any]:
     sample_bytes = None
 
     if cfg.model_file:
-        print(f"[tokenizer] adopting {cfg.model_file}", flush=True)
+        print(f"adopting {cfg.model_file}", flush=True)
         _adopt(cfg.model_file, prefix)
     else:
         if not cfg.sources:
@@ -62,12 +62,12 @@ def run(spec: StageSpec) -> dict[str, Any]:
         if missing:
             raise ValueError(f"sources: {', '.join(missing)} not among the spec's sources")
         sample = spec.out / "sample.txt"
-        print(f"[tokenizer] sampling up to {cfg.sample_bytes} bytes from {', '.join(cfg.sources)}",
+        print(f"sampling up to {cfg.sample_bytes} bytes from {', '.join(cfg.sources)}",
               flush=True)
         try:
             sample_bytes = write_sample([iter_documents(spec.sources[s]) for s in cfg.sources],
                                         sample, cfg.sample_bytes)
-            print(f"[tokenizer] training BPE, vocab {cfg.vocab_size}, on {sample_bytes} bytes",
+            print(f"training BPE, vocab {cfg.vocab_size}, on {sample_bytes} bytes",
                   flush=True)
             train_from_sample(sample, prefix, cfg.vocab_size, cfg.seed)
         finally:
@@ -80,7 +80,7 @@ def run(spec: StageSpec) -> dict[str, Any]:
                 "eod_id": sp.eos_id(), "pad_id": sp.pad_id(), "bos_id": sp.bos_id(),
                 "unk_id": sp.unk_id(), "sha256": sha256_file(model_file),
                 "sample_bytes": sample_bytes}
-    print(f"[tokenizer] {model_file}: vocab {produced['vocab_size']}, eod {produced['eod_id']}, "
+    print(f"{model_file}: vocab {produced['vocab_size']}, eod {produced['eod_id']}, "
           f"{seconds:.1f}s", flush=True)
     logger.log(0, {"seconds": seconds, "vocab_size": produced["vocab_size"],
                    **({"sample_bytes": sample_bytes} if sample_bytes is not None else {})})

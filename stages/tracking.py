@@ -44,12 +44,12 @@ class MetricLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         with open(self.local, "a") as f:
             f.write(json.dumps({"step": step, "time": now, **metrics}) + "\n")
-        if self.tracked:
+        if self.tracked:  # mlflow is imported only when there is a run to log into (~2.5 s)
+            from mlflow.entities import Metric
+
             self._queue += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
             self.flush()

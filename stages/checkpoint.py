@@ -1,0 +1,218 @@
+"""Atomic, resumable checkpoints with megatron's dist_checkpointing.
+
+Layout: `<output_dir>/checkpoints/step-000123/`. A checkpoint is written into `step-000123.tmp`,
+a completion marker is written inside it last, and the directory is renamed: a directory that is
+still `.tmp` or has no marker was interrupted mid-write, is never loaded and is removed.
+
+What a checkpoint holds:
+  model      the unwrapped GPTModel's sharded_state_dict (the DDP wrapper would prefix `module.`)
+  optimizer  the Megatron optimizer's sharded state (Adam moments, step counts)
+  rng        one ShardedObject per rank: python, numpy, torch CPU (+CUDA) and Megatron-tracker states
+  extra      common state, identical on every rank: step, scheduler steps, data position, ...
+Saves are synchronous: on CPU the async path's device-to-host copy is a no-op, so it would write
+live tensors that the next step modifies.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+from multiprocessing.managers import SyncManager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stages.model import unwrap
+
+MARKER = "complete.json"
+PREFIX = "step-"
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"{PREFIX}{step:06d}"
+
+
+def _is_complete(path: Path) -> bool:
+    return (path.is_dir() and path.name.startswith(PREFIX) and not path.name.endswith(".tmp")
+            and (path / MARKER).exists())
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _is_complete(p)), key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def remove_incomplete(root: str | os.PathLike) -> list[Path]:
+    """Delete interrupted writes (`.tmp` or no marker). Call on rank 0 before any save or load."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = [p for p in root.iterdir()
+               if p.is_dir() and p.name.startswith(PREFIX) and not _is_complete(p)]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def prune(root: str | os.PathLike, keep: int) -> list[Path]:
+    """Keep the newest `keep` (at least 1) complete checkpoints; delete the older ones."""
+    old = complete_checkpoints(root)[:-max(keep, 1)]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
+# --------------------------------------------------------------------------------------------
+# RNG
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_rng(data: Any):
+    """RNG states differ per rank, so each rank stores its own shard (common state is rank 0's)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return ShardedObject("rng_state", data, (world,), (rank,), replica_id=0)
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _start_writer_queue() -> None:
+    """Start the results queue of dist_checkpointing's file writer ourselves, deaf to stop signals.
+
+    dist_checkpointing spawns a multiprocessing Manager (filesystem_async._results_queue) on the
+    first save. Slurm preemption and torchrun deliver SIGTERM to the whole process group, which
+    killed that Manager, so the checkpoint written in answer to the signal failed with
+    `BrokenPipeError` in `write_preloaded_data_multiproc`. It still exits with the job (its
+    finalizer runs at interpreter exit; a SIGKILL of the group takes it too).
+    """
+    global _writer_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        _writer_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        _writer_manager.start(_ignore_stop_signals)
+        filesystem_async._results_queue = _writer_manager.Queue()
+
+
+_writer_manager: SyncManager | None = None
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer,
+                    extra: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically (collective: every rank calls it); returns its path."""
+    from megatron.core import dist_checkpointing
+
+    _start_writer_queue()
+    final = step_dir(root, step)
+    if _is_complete(final):  # e.g. a preemption right after a scheduled save of the same step
+        return final
+    tmp = final.with_name(final.name + ".tmp")
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd = unwrap(model).sharded_state_dict()
+    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd),
+             "rng": _sharded_rng(rng_state()), "extra": extra}
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _is_rank0():
+        from stages.contract import write_json_atomic
+
+        write_json_atomic(tmp / MARKER, {"step": step})
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        prune(root, keep)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG states; returns the saved `extra` dict."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = unwrap(model).sharded_state_dict()
+    state = {"model": model_sd,
+             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
+             "rng": _sharded_rng(None)}
+    loaded = dist_checkpointing.load(state, str(path))
+    unwrap(model).load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    set_rng_state(loaded["rng"])
+    return loaded["extra"]
+
+
+def load_model_weights_only(path: str | os.PathLike, model) -> None:
+    """Initialise `model` from another stage's checkpoint (a checkpoint dir, or the `checkpoints`
+    root / stage output dir holding them, in which case the latest complete one is used)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / MARKER).exists():
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = latest_checkpoint(root)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint under {root}")
+        path = found
+    loaded = dist_checkpointing.load({"model": unwrap(model).sharded_state_dict()}, str(path))
+    unwrap(model).load_state_dict(loaded["model"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,101 @@
+"""A Llama-style megatron-core GPTModel: RMSNorm, SwiGLU, RoPE, GQA, no biases.
+
+fp32 on CPU (the bf16 Megatron optimizer needs CUDA), bf16 on GPU. The TransformerEngine layer
+spec is used when transformer_engine is importable, the local (pure megatron-core) spec otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from stages.config import ModelConfig, padded_vocab_size
+
+
+def build_transformer_config(model_cfg: ModelConfig):
+    from megatron.core import parallel_state
+    from megatron.core.transformer import TransformerConfig
+
+    bf16 = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        normalization="RMSNorm",
+        layernorm_epsilon=model_cfg.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU = gated linear unit with silu
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        init_method_std=model_cfg.init_method_std,
+        hidden_dropout=model_cfg.hidden_dropout,
+        attention_dropout=model_cfg.attention_dropout,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+
+
+def build_layer_spec():
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int):
+    """The GPTModel for this rank (its pipeline stage, its tensor-parallel shard), on its device.
+
+    `max_seq_length` is the longest sequence of any phase (RoPE has no learned positions, so it
+    only bounds what the model accepts). Needs stages.distributed.init() first.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    vocab = padded_vocab_size(vocab_size, model_cfg)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if vocab % tp:
+        raise ValueError(f"model.make_vocab_size_divisible_by ({model_cfg.make_vocab_size_divisible_by})"
+                         f" must be a multiple of parallel.tensor ({tp})")
+    model = GPTModel(
+        config=build_transformer_config(model_cfg),
+        transformer_layer_spec=build_layer_spec(),
+        vocab_size=vocab,
+        max_sequence_length=max_seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model_cfg.rotary_base,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def unwrap(model):
+    """The GPTModel inside a (Megatron DDP) wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def set_rotary_base(model, base: float) -> None:
+    """Change the RoPE base (ABF for a long-context phase): recompute inv_freq, drop cached tables."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope = unwrap(model).rotary_pos_emb
+    inv_freq = rope.inv_freq
+    dim = 2 * inv_freq.numel()
+    rope.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                                 device=inv_freq.device) / dim))
+    # RotaryEmbedding.forward is lru_cached per (module, seq_len): stale tables would keep the old base
+    RotaryEmbedding.forward.cache_clear()
+    unwrap(model).rotary_pos_emb_cache.clear()

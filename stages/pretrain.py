@@ -1,0 +1,256 @@
+"""The `pretrain` stage: FG-WSD pretraining of a megatron-core GPTModel over phase-wise blends.
+
+    python -m stages.pretrain --spec <output_dir>/spec.json        # or under torchrun
+
+Reads spec.config (a PretrainConfig), spec.model (the resolved ModelConfig), the prepare stage's
+manifest at spec.inputs["data"], and optionally spec.inputs["init"] (a stage whose latest
+checkpoint initialises the weights). Resumes from `<output_dir>/checkpoints` when it holds one:
+model, optimizer, RNG and step come back, the data position follows from the step (see
+data_recipes.blend), and the run ends bitwise identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from data_recipes.blend import build_phase_datasets, rank_micro_batches, read_manifest, step_samples
+from schedulers.mixture import all_sources
+from stages import checkpoint as ckpt
+from stages import distributed, job
+from stages.config import ModelConfig, PretrainConfig, num_params, pretrain_schedule
+from stages.contract import StageSpec
+from stages.model import build_model, set_rotary_base, unwrap
+from stages.optim import build_ddp, build_optimizer, build_scheduler, current_lr
+from stages.tracking import MetricLogger, flatten
+
+DATA_ORDER = "data_order.jsonl"
+
+
+def load_configs(spec: StageSpec) -> tuple[PretrainConfig, ModelConfig]:
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PretrainConfig), spec.config))
+    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), spec.model))
+    return cfg, model
+
+
+def check_batching(cfg: PretrainConfig, schedule, dp_size: int) -> None:
+    """Every phase's global batch must split into whole micro-batches on every DP rank."""
+    if cfg.parallel.pipeline != 1:
+        raise ValueError("parallel.pipeline > 1 is not supported by the pretrain loop yet; set it to 1")
+    for phase in schedule.phases:
+        if phase.global_batch_size % (cfg.micro_batch_size * dp_size):
+            raise ValueError(f"phases[{phase.index}]: global_batch_size ({phase.global_batch_size})"
+                             f" must be a multiple of micro_batch_size ({cfg.micro_batch_size}) x "
+                             f"data-parallel size ({dp_size})")
+
+
+def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor | None:
+    """An explicit causal mask on CPU (True = masked): megatron's default one is built on cuda."""
+    if device.type == "cuda":
+        return None
+    return torch.triu(torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool), diagonal=1)
+
+
+def collate(dataset, indices, device: torch.device) -> dict[str, torch.Tensor]:
+    samples = [dataset[i] for i in indices]
+    return {k: torch.stack([s[k] for s in samples]).to(device)
+            for k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], mask) -> torch.Tensor:
+    """Mean next-token loss over the tokens the loss mask keeps (pads are masked)."""
+    losses = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+    loss_mask = batch["loss_mask"].float()
+    return (losses.float() * loss_mask).sum() / loss_mask.sum()
+
+
+def train_step(model, optimizer, dataset, micro_batches, mask, device) -> tuple[float, float]:
+    """Forward/backward over this rank's micro-batches, DP grad all-reduce, optimizer step."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    total = torch.zeros((), device=device)
+    for indices in micro_batches:
+        loss = lm_loss(model, collate(dataset, indices, device), mask)
+        (loss / len(micro_batches)).backward()
+        total += loss.detach()
+    model.finish_grad_sync()  # averages the fp32 grad buffers over data-parallel ranks
+    ok, grad_norm, _ = optimizer.step()
+    assert ok, "optimizer step skipped (non-finite gradients)"
+    loss = distributed.dp_mean(total / len(micro_batches))
+    assert math.isfinite(loss), f"loss is {loss}"
+    return loss, float(grad_norm)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, n_samples: int, micro_batch_size: int, mask, info) -> float:
+    """Mean loss over the first n_samples held-out sequences (shared out over DP ranks)."""
+    model.eval()
+    mine = list(range(n_samples))[info.dp_rank::info.dp_size]
+    total = torch.zeros((), device=info.device)
+    for i in range(0, len(mine), micro_batch_size):
+        batch = collate(dataset, mine[i:i + micro_batch_size], info.device)
+        total += lm_loss(model, batch, mask) * len(batch["tokens"])
+    model.train()
+    return distributed.dp_sum(total) / n_samples
+
+
+def tokens_sha256(dataset, indices) -> str:
+    h = hashlib.sha256()
+    for i in indices:
+        h.update(dataset[i]["tokens"].numpy().tobytes())
+    return h.hexdigest()
+
+
+def params_sha256(model) -> str:
+    """SHA-256 over this rank's parameters in a fixed (name) order: equal iff bitwise equal."""
+    h = hashlib.sha256()
+    for name, p in sorted(unwrap(model).named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def truncate_data_order(path: Path, step: int) -> None:
+    """Keep the records of steps < `step` (a resumed run rewrites the rest exactly as before)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError):  # a line cut short by a kill
+            pass
+    path.write_text("".join(kept))
+
+
+def log_start(logger: MetricLogger, cfg: PretrainConfig, model_cfg: ModelConfig, schedule,
+              out: Path) -> None:
+    from stages.plots import plot_lr, plot_mixture
+
+    logger.params(flatten({"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)}))
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    logger.artifact(plot_lr(schedule, plots / "lr.png"), "plots")
+    logger.artifact(plot_mixture(schedule, plots / "mixture.png"), "plots")
+
+
+def run(spec: StageSpec) -> dict[str, Any]:
+    t_start = time.time()
+    cfg, model_cfg = load_configs(spec)
+    out = spec.out
+    info = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
+    is_rank0 = info.rank == 0
+    try:
+        manifest = read_manifest(spec.inputs["data"])
+        schedule = pretrain_schedule(cfg, model_cfg)
+        check_batching(cfg, schedule, info.dp_size)
+        sources = all_sources(schedule)
+        model = build_model(model_cfg, manifest["vocab_size"],
+                            max(p.seq_length for p in schedule.phases))
+        model = build_ddp(model)
+        optimizer = build_optimizer(model, cfg.optimizer, schedule)
+        logger = MetricLogger(spec, info.rank)
+
+        # --- resume, or start (from `init` weights when given) ----------------------------------
+        ckpt_root = out / "checkpoints"
+        if is_rank0:
+            ckpt.remove_incomplete(ckpt_root)
+        distributed.barrier()
+        latest = ckpt.latest_checkpoint(ckpt_root)
+        state: dict[str, Any] = {"step": 0, "eval_losses": {}, "loss": None, "seconds": 0.0}
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest, model, optimizer)
+            print(f"resumed from {latest}", flush=True)
+        elif spec.inputs.get("init"):
+            ckpt.load_model_weights_only(spec.inputs["init"], model)
+        step = state["step"]
+        scheduler = build_scheduler(optimizer, schedule, cfg.optimizer.weight_decay, step)
+        assert scheduler.num_steps == state.get("scheduler_steps", step)
+        data_order = out / DATA_ORDER
+        if is_rank0:
+            truncate_data_order(data_order, step)
+            log_start(logger, cfg, model_cfg, schedule, out)
+
+        # --- the loop ----------------------------------------------------------------------------
+        data = None
+        t_loop, first_step = time.time(), step
+        while step < schedule.total_steps:
+            phase = schedule.phase_at(step)
+            if data is None or data.phase is not phase:  # entering a phase (or resuming into one)
+                data = build_phase_datasets(phase, manifest, seed=cfg.seed,
+                                            eval_samples=cfg.eval_samples,
+                                            cache_dir=out / "data_cache")
+                set_rotary_base(model, phase.rotary_base)
+                mask = causal_mask(phase.seq_length, info.device)
+                # Megatron's scheduler drives the optimizer; FG-WSD is the plan: keep them in lockstep
+                assert math.isclose(current_lr(optimizer), schedule.lr(step), rel_tol=1e-9,
+                                    abs_tol=1e-15), (current_lr(optimizer), schedule.lr(step))
+            samples = step_samples(phase, step)
+            micro = rank_micro_batches(samples, info.dp_rank, info.dp_size, cfg.micro_batch_size)
+            lr = current_lr(optimizer)
+            t_step = time.time()
+            loss, grad_norm = train_step(model, optimizer, data.train, micro, mask, info.device)
+            tokens_per_s = phase.tokens_per_step / max(time.time() - t_step, 1e-9)
+            scheduler.step(1)
+            step += 1
+            state["loss"] = loss
+
+            # --- record: data order, metrics, progress (by the 0-based index of the step done) ----
+            tokens = schedule.tokens_at(step)
+            if is_rank0:
+                with open(data_order, "a") as f:
+                    f.write(json.dumps({"step": step - 1, "phase": phase.index,
+                                        "samples": list(samples),
+                                        "tokens_sha256": tokens_sha256(data.train, samples)}) + "\n")
+            logger.log(step - 1, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                              "tokens_per_s": tokens_per_s, "phase": phase.index,
+                              **{f"mixture/{s}": phase.weights.get(s, 0.0) for s in sources}})
+            if is_rank0 and (step % cfg.log_every == 0 or step == schedule.total_steps):
+                eta = (time.time() - t_loop) / (step - first_step) * (schedule.total_steps - step)
+                print(f"step {step}/{schedule.total_steps} | {phase.name} | "
+                      f"loss {loss:.4f} | lr {lr:.3e} | tokens {tokens:,} | "
+                      f"{tokens_per_s:,.0f} tok/s | ETA {eta:,.0f}s", flush=True)
+
+            # --- phase end: held-out eval; checkpoints; preemption -----------------------------
+            phase_end = step == phase.end_step
+            if phase_end and cfg.eval_samples > 0:
+                eval_loss = evaluate(model, data.valid, cfg.eval_samples, cfg.micro_batch_size,
+                                     mask, info)
+                state["eval_losses"][phase.name] = eval_loss
+                logger.log(step - 1, {"eval/loss": eval_loss, f"eval/{phase.name}/loss": eval_loss})
+            preempt = distributed.all_agree(job.preempt_requested())
+            if step % cfg.checkpoint_every == 0 or phase_end or preempt:
+                state.update(step=step, scheduler_steps=scheduler.num_steps,
+                             data={"phase": phase.index,
+                                   "next_sample": samples.stop},
+                             # common state must match on all ranks: agree on the clock
+                             seconds=distributed.all_max(state["seconds"] + time.time() - t_start))
+                t_start = time.time()
+                path = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state,
+                                            keep=cfg.keep_checkpoints)
+            if preempt and step < schedule.total_steps:
+                logger.close()
+                raise job.Preempted(f"checkpoint {path.name} written at step {step}")
+
+        logger.close()
+        final = ckpt.step_dir(ckpt_root, schedule.total_steps)
+        return {"final_step": step, "tokens": schedule.tokens_at(step), "final_loss": state["loss"],
+                "eval_losses": state["eval_losses"], "checkpoint": str(final),
+                "params_sha256": params_sha256(model),
+                "num_params": num_params(model_cfg, manifest["vocab_size"]),
+                "seconds": state["seconds"]}
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":  # dist_checkpointing spawns helper processes: they re-import __main__
+    job.main(run)

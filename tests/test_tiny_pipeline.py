@@ -1,0 +1,153 @@
+"""The tiny recipe end to end, as a user runs it: `pipeline run recipes/tiny.yaml`.
+
+One module-scoped run is shared by the checks below; then the same workdir is used to show that a
+rerun skips everything, that Ctrl-C + rerun resumes pretraining to bitwise the same parameters,
+and that an override reruns only the stage it changes.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO
+
+TINY = REPO / "recipes" / "tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+def pipeline(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, **kw)
+
+
+def stage_dirs(workdir: Path) -> dict[str, list[Path]]:
+    dirs: dict[str, list[Path]] = {}
+    for p in sorted(workdir.iterdir()):
+        if p.is_dir() and "-" in p.name:
+            dirs.setdefault(p.name.rsplit("-", 1)[0], []).append(p)
+    return dirs
+
+
+def manifest(d: Path) -> dict:
+    return json.loads((d / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny") / "wd"
+    start = time.monotonic()
+    result = pipeline("run", str(TINY), f"workdir={workdir}")
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir, result, seconds
+
+
+def test_all_stages_complete_with_progress_output(tiny_run):
+    workdir, result, seconds = tiny_run
+    print(f"tiny pipeline: {seconds:.0f} s")
+    dirs = stage_dirs(workdir)
+    assert set(dirs) == {"tokenizer", "prepare", "pretrain"}
+    shards = manifest(dirs["prepare"][0])["shards"]
+    assert set(shards) == {"code", "prose", "arithmetic"}
+    assert {s["quality"] for s in shards.values()} == {"general", "high"}
+    for s in shards.values():
+        assert Path(s["prefix"] + ".bin").exists() and Path(s["prefix"] + ".idx").exists()
+        assert s["documents"] > 0 and s["tokens"] > s["documents"]
+    pre = manifest(dirs["pretrain"][0])
+    assert len(pre["eval_losses"]) == 5  # held-out loss at the end of every phase
+    assert "[pretrain]" in result.stdout and "all 3 stages finished" in result.stdout
+    assert f"sqlite:///{workdir}/mlflow.db" in result.stdout
+
+
+def test_mlflow_has_parent_and_nested_runs_with_params_metrics_artifacts(tiny_run):
+    workdir = tiny_run[0]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parent, = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    stages = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert set(stages) == {"tokenizer", "prepare", "pretrain"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in stages.values()} == {parent.info.run_id}
+    assert {r.info.status for r in stages.values()} == {"FINISHED"}
+    assert "recipe.resolved.yaml" in {f.path for f in client.list_artifacts(parent.info.run_id)}
+
+    pre = stages["pretrain"]
+    assert pre.data.params["config.lr.max"] == "0.003"
+    assert pre.data.params["config.phases.4.seq_length"] == "256"
+    assert pre.data.params["model.hidden_size"] == "128"
+    run_id = pre.info.run_id
+    for metric in ("loss", "lr", "tokens", "tokens_per_s", "mixture/arithmetic", "mixture/code",
+                   "eval/loss"):
+        assert client.get_metric_history(run_id, metric), metric
+    mix = {m.step: m.value for m in client.get_metric_history(run_id, "mixture/arithmetic")}
+    assert mix[0] == 0.1 and mix[max(mix)] == 0.6  # the mixture moved toward the high tier
+    lrs = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
+    assert lrs[0] == 0.0 and max(lrs.values()) == 0.003 and lrs[max(lrs)] < 0.003
+    artifacts = _all_artifacts(client, run_id)
+    assert {"spec.json", "manifest.json", "job.log"} <= {Path(a).name for a in artifacts}
+    assert len([a for a in artifacts if a.endswith(".png")]) >= 2  # LR and mixture plots
+
+
+def _all_artifacts(client, run_id, path=None):
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += _all_artifacts(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def test_rerun_skips_everything_in_seconds(tiny_run):
+    workdir = tiny_run[0]
+    start = time.monotonic()
+    result = pipeline("run", str(TINY), f"workdir={workdir}")
+    seconds = time.monotonic() - start
+    assert result.returncode == 0
+    assert result.stdout.count("skip (done)") == 3 and "nothing to run" in result.stdout
+    assert seconds < 15  # measured ~1 s; generous for a loaded CI machine
+    status = pipeline("status", str(TINY), f"workdir={workdir}").stdout
+    assert [line.split()[2] for line in status.splitlines()[1:]] == ["done"] * 3
+
+
+def test_ctrl_c_during_pretrain_then_rerun_gives_bitwise_the_same_model(tiny_run):
+    workdir = tiny_run[0]
+    (pretrain_dir,) = stage_dirs(workdir)["pretrain"]
+    expected = manifest(pretrain_dir)["params_sha256"]
+    subprocess.run(["rm", "-rf", str(pretrain_dir)], check=True)
+
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(TINY),
+                               f"workdir={workdir}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    ckpts = pretrain_dir / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (ckpts.exists() and any(
+            p.name.startswith("step-") and not p.name.endswith(".tmp") for p in ckpts.iterdir())):
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130, out[-3000:]
+    assert json.loads((pretrain_dir / "exit.json").read_text())["status"] == "preempted"
+    assert not (pretrain_dir / "manifest.json").exists()
+
+    result = pipeline("run", str(TINY), f"workdir={workdir}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "resum" in (pretrain_dir / "job.log").read_text().lower()
+    assert manifest(pretrain_dir)["params_sha256"] == expected
+
+
+def test_override_reruns_only_the_changed_stage(tiny_run):
+    workdir = tiny_run[0]
+    before = {n: [d.name for d in ds] for n, ds in stage_dirs(workdir).items()}
+    mtimes = {d: (d / "manifest.json").stat().st_mtime
+              for n in ("tokenizer", "prepare") for d in stage_dirs(workdir)[n]}
+    result = pipeline("run", str(TINY), f"workdir={workdir}", "stages.pretrain.phases.3.tokens=20480")
+    assert result.returncode == 0, result.stdout[-3000:]
+    after = {n: [d.name for d in ds] for n, ds in stage_dirs(workdir).items()}
+    assert after["tokenizer"] == before["tokenizer"] and after["prepare"] == before["prepare"]
+    assert len(after["pretrain"]) == 2  # a new pretrain dir next to the old one
+    assert result.stdout.count("skip (done)") == 2
+    assert all((d / "manifest.json").stat().st_mtime == t for d, t in mtimes.items())
