@@ -204,4 +204,4 @@ def test_prepare_as_a_job_subprocess(ray_local, tmp_path, tokenizer_stage, sourc
     assert read_json(spec.out / EXIT_STATUS)["status"] == "done"
     manifest = read_json(spec.out / MANIFEST)
     assert manifest["kind"] == "prepare" and manifest["shards"]["math"]["documents"] == 400
-    assert "[prepare] math:" in proc.stdout
+    assert "math: " in proc.stdout
