@@ -47,7 +47,7 @@ def run_job(spec: StageSpec, launcher: LaunchConfig, env: dict[str, str] | None 
     (out / EXIT_STATUS).unlink(missing_ok=True)
     job_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: "
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: "
                   f"{' '.join(command(spec, launcher))}\n".encode())
         log.flush()
         proc = subprocess.Popen(command(spec, launcher), stdout=log, stderr=subprocess.STDOUT,

@@ -48,7 +48,9 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if _is_complete(p)), key=lambda p: p.name)
+    # by step number, not name: the 3B recipe's 2.7M steps outgrow the 6-digit padding
+    return sorted((p for p in root.iterdir() if _is_complete(p)),
+                  key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:

@@ -79,6 +79,12 @@ def test_prune_keeps_the_newest_complete(tmp_path):
     assert partial.exists()  # pruning is about complete ones; remove_incomplete handles the rest
 
 
+def test_latest_is_by_step_number_past_six_digits(tmp_path):
+    fake_checkpoint(tmp_path, "step-999999", complete=True)
+    newest = fake_checkpoint(tmp_path, "step-1000000", complete=True)
+    assert ckpt.latest_checkpoint(tmp_path) == newest
+
+
 def test_round_trip_restores_params_optimizer_and_rng(megatron_world, tmp_path):
     model, optimizer = build()
     train(model, optimizer, 2)
