@@ -18,6 +18,7 @@ from typing import Any
 from stages.contract import StageSpec
 
 FLUSH_EVERY_S = 5.0
+RETRY_AFTER_S = 60.0  # after a failed send, train on for this long before trying again
 
 
 class MetricLogger:
@@ -34,8 +35,11 @@ class MetricLogger:
 
     @property
     def client(self):
-        if self._client is None and self.run_id:
+        if self._client is None and self.tracked:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            # MLflow's HTTP defaults retry for minutes; a dead server must not stall training.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.uri)
@@ -60,11 +64,12 @@ class MetricLogger:
         if not self.enabled or not self._queue or not self.client:
             return not self._queue
         try:
-            for i in range(0, len(self._queue), 1000):  # MLflow's per-request metric limit
-                self.client.log_batch(self.run_id, metrics=self._queue[i:i + 1000])
-            self._queue.clear()
+            while self._queue:  # MLflow takes at most 1000 metrics per request
+                self.client.log_batch(self.run_id, metrics=self._queue[:1000])
+                del self._queue[:1000]
             return True
         except Exception as e:  # tracking must never kill training
+            self._last_flush = time.monotonic() + RETRY_AFTER_S - FLUSH_EVERY_S
             if not self.unsent_warning_shown:
                 print(f"[tracking] could not reach {self.uri}: {e}; metrics kept in {self.local} "
                       "and retried", file=sys.stderr, flush=True)
