@@ -148,6 +148,9 @@ def _interrupt(graph: dict[str, StageNode], running: list[str]) -> dict[str, dic
     except KeyboardInterrupt:
         for pid in filter(None, pids.values()):
             os.killpg(pid, signal.SIGKILL)
+    import ray
+
+    ray.shutdown()  # stop the stage tasks first, so the states below are the last word
     results = {}
     for name in running:
         out = graph[name].output_dir

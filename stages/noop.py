@@ -7,6 +7,7 @@ that take no time to compute anything.
 
 from __future__ import annotations
 
+import os
 import time
 
 from stages import job
@@ -27,7 +28,9 @@ def run(spec: StageSpec) -> dict:
         raise RuntimeError(cfg.fail_message)
     log.log(0, {"waited_s": cfg.seconds})
     log.close()
-    return {"waited_s": cfg.seconds, "inputs": sorted(spec.inputs)}
+    # the Ray cluster the driver told the job to use (PIPELINE_RAY_ADDRESS): shows what it joined
+    return {"waited_s": cfg.seconds, "inputs": sorted(spec.inputs),
+            "ray_address": os.environ.get("PIPELINE_RAY_ADDRESS", "")}
 
 
 if __name__ == "__main__":

@@ -128,3 +128,43 @@ def test_ctrl_c_asks_jobs_to_stop_and_waits_for_them(write_recipe, tmp_path):
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # nothing of the job is left running
     assert stage_state(d).state == "interrupted"
+
+
+def test_ray_address_joins_an_existing_cluster(write_recipe, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # --block keeps `ray start` in the foreground: stopping its process group stops this cluster
+    # only (`ray stop` would stop every Ray cluster on the machine).
+    head = subprocess.Popen(["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--block",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_for_port(port, head)
+        workdir = tmp_path / "wd"
+        recipe = write_recipe(f"name: j\nworkdir: {workdir}\nstages:\n  a: {{kind: noop}}\n")
+        assert main(["run", str(recipe), "--ray-address", f"127.0.0.1:{port}"]) == 0
+        (d,) = stage_dirs(workdir).values()
+        # the driver joined that cluster (it started none of its own) and told the job to join it
+        assert json.loads((d / "manifest.json").read_text())["ray_address"].endswith(f":{port}")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def _wait_for_port(port, proc, timeout=60):
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "ray start exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(2)  # GCS answers before the raylet has registered
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"no Ray head on port {port}")
