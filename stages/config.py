@@ -21,10 +21,8 @@ def ref(default: Any = MISSING) -> Any:
     return field(default=default, metadata={"ref": True})
 
 
-def unhashed(default: Any = None, default_factory: Any = None) -> Any:
+def unhashed(default: Any = None) -> Any:
     """A field that does not change a stage's outputs (logging cadence, process count, ...)."""
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata={"unhashed": True})
     return field(default=default, metadata={"unhashed": True})
 
 
