@@ -76,17 +76,17 @@ def test_independent_branches_run_concurrently(write_recipe, tmp_path):
         name: par
         workdir: {workdir}
         stages:
-          x: {{kind: noop, seconds: 4}}
-          y: {{kind: noop, seconds: 4}}
+          x: {{kind: noop, seconds: 6}}
+          y: {{kind: noop, seconds: 6}}
     """)
     assert main(["run", str(recipe)]) == 0
     spans = []
     for d in stage_dirs(workdir).values():
         lines = (d / "metrics.jsonl").read_text().splitlines()
         ended = json.loads(lines[-1])["time"] / 1000
-        spans.append((ended - 4, ended))
+        spans.append((ended - 6, ended))
     (s1, e1), (s2, e2) = spans
-    assert min(e1, e2) > max(s1, s2)  # the two 4 s waits overlapped in time
+    assert min(e1, e2) > max(s1, s2)  # the two 6 s waits overlapped in time
 
 
 def test_second_run_on_a_locked_workdir_is_refused(write_recipe, tmp_path, capsys):
@@ -109,14 +109,8 @@ def test_ctrl_c_asks_jobs_to_stop_and_waits_for_them(write_recipe, tmp_path):
     """)
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(recipe)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        dirs = stage_dirs(workdir) if workdir.exists() else {}
-        log = dirs.get("slow", workdir / "none") / "job.log"
-        if log.exists() and "starting" in log.read_text():
-            break
-        time.sleep(0.2)
-    time.sleep(3)  # let the job get into its loop
+    _wait_for_worker(workdir, "slow")
+    time.sleep(2)  # let the worker install its signal handlers and enter its loop
     driver.send_signal(signal.SIGINT)
     out, _ = driver.communicate(timeout=60)
     assert driver.returncode == 130, out
@@ -154,6 +148,24 @@ def test_ray_address_joins_an_existing_cluster(write_recipe, tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+
+def _wait_for_worker(workdir, stage, timeout=120):
+    """Until torchrun (pid in job.pid) has started the stage's worker process."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dirs = stage_dirs(workdir) if workdir.exists() else {}
+        pid_file = dirs[stage] / "job.pid" if stage in dirs else None
+        if pid_file and pid_file.exists():
+            try:
+                if psutil.Process(int(pid_file.read_text())).children():
+                    return
+            except (ValueError, psutil.Error):
+                pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the {stage} job's worker did not start")
 
 
 def _wait_for_port(port, proc, timeout=60):
