@@ -10,6 +10,7 @@ go, appended, to `<output_dir>/job.log`; the job's pid is in `<output_dir>/job.p
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,8 +75,20 @@ def job_result(out: Path, code: int) -> JobResult:
     if code < 0:
         error = f"killed by {signal.Signals(-code).name}"
     else:
-        error = status.get("error") or f"exited with code {code}"
+        error = status.get("error") or _worker_signal(out / LOG) or f"exited with code {code}"
     return JobResult("failed", code, log, error)
+
+
+def _worker_signal(log: Path) -> str | None:
+    """torchrun reports a worker killed by a signal as `exitcode : -9`; name the signal."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - 16384, 0))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = re.findall(r"exitcode\s*:\s*-(\d+)", tail)
+    return f"a worker was killed by {signal.Signals(int(found[-1])).name}" if found else None
 
 
 def stop_job(out: Path, sig: int = signal.SIGTERM) -> int | None:
