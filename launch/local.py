@@ -91,6 +91,17 @@ def _worker_signal(log: Path) -> str | None:
     return f"a worker was killed by {signal.Signals(int(found[-1])).name}" if found else None
 
 
+def live_job(out: Path) -> int | None:
+    """The pid of this stage dir's job if it is still running (e.g. orphaned by a killed driver)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int((out / PID_FILE).read_text()))
+        return proc.pid if str(out / "spec.json") in " ".join(proc.cmdline()) else None
+    except (OSError, ValueError, psutil.Error):
+        return None
+
+
 def stop_job(out: Path, sig: int = signal.SIGTERM) -> int | None:
     """Send `sig` to a running job's workers; returns torchrun's pid (its process group id).
 

@@ -16,7 +16,6 @@ import sys
 from pipeline.recipe import RecipeError, load_recipe
 
 EXIT_BAD_RECIPE = 2
-EXIT_LOCKED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(recipe, graph, args) -> int:
     from pathlib import Path
 
-    from pipeline.runner import run_graph
+    from pipeline.runner import EXIT_BUSY, run_graph
     from pipeline.state import LockedError
     from pipeline.tracking import Tracker
 
@@ -70,7 +69,7 @@ def _run(recipe, graph, args) -> int:
                          workdir=Path(recipe.workdir))
     except LockedError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_LOCKED
+        return EXIT_BUSY
 
 
 def _status(graph) -> int:

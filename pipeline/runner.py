@@ -27,6 +27,7 @@ from stages.config import LaunchConfig
 from stages.contract import LOG, StageSpec, save_spec
 
 EXIT_INTERRUPTED = 130
+EXIT_BUSY = 3  # the workdir (or a stage dir) is in use: same code as a held workdir lock
 STOP_GRACE_S = 600.0  # how long Ctrl-C waits for jobs to checkpoint before giving up
 
 
@@ -56,6 +57,14 @@ def run_graph(graph: dict[str, StageNode], make_tracker, *, ray_address: str | N
         if not todo:
             print(f"all {len(graph)} stages are complete; nothing to run")
             return 0
+        orphans = {name: local.live_job(graph[name].output_dir) for name in todo}
+        orphans = {name: pid for name, pid in orphans.items() if pid}
+        if orphans:  # an earlier driver was killed but its jobs run on: never start a second copy
+            for name, pid in orphans.items():
+                print(f"error: stage {name}: its job from an earlier `pipeline run` is still "
+                      f"running (pid {pid}, log {graph[name].output_dir / LOG}); wait for it or "
+                      f"stop it (kill -TERM -{pid}), then run again", file=sys.stderr)
+            return EXIT_BUSY
         # MLflow's store and Ray each take seconds to start: overlap them.
         with ThreadPoolExecutor(1) as pool:
             opening = pool.submit(_open_runs, make_tracker, graph, todo)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launch.local import live_job
 from stages.contract import LOG, MANIFEST, read_json, write_json_atomic
 
 STATUS = "status.json"
@@ -35,6 +36,9 @@ def stage_state(output_dir: Path) -> StageState:
     run_id = read_run_id(output_dir)
     if (output_dir / MANIFEST).exists():
         return StageState("done", run_id=run_id)
+    job = live_job(output_dir)
+    if job:  # also a job whose driver was killed: it runs on, and will finish or fail by itself
+        return StageState("running", f"job pid {job}", run_id)
     status = _read(output_dir / STATUS)
     if not status:
         return StageState("pending", run_id=run_id)

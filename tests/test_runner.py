@@ -180,3 +180,24 @@ def _wait_for_port(port, proc, timeout=60):
                 return
         time.sleep(0.2)
     raise TimeoutError(f"no Ray head on port {port}")
+
+
+def test_jobs_orphaned_by_a_killed_driver_are_seen_and_never_doubled(write_recipe, tmp_path, capsys):
+    workdir = tmp_path / "wd"
+    recipe = write_recipe(f"name: o\nworkdir: {workdir}\nstages:\n  slow: {{kind: noop, seconds: 60}}\n")
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(recipe)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_worker(workdir, "slow")
+    driver.kill()  # SIGKILL: no chance to stop its job, which runs on in its own session
+    driver.wait()
+    d = stage_dirs(workdir)["slow"]
+    pid = int((d / "job.pid").read_text())
+    try:
+        assert stage_state(d).state == "running"
+        assert main(["run", str(recipe)]) == 3
+        err = capsys.readouterr().err
+        assert f"stage slow: its job from an earlier `pipeline run` is still running (pid {pid}" in err
+    finally:
+        os.killpg(pid, signal.SIGKILL)
+    time.sleep(1)
+    assert stage_state(d).state in ("failed", "interrupted")  # both gone: a rerun may resume it
