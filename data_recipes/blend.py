@@ -13,10 +13,8 @@ mixture can never shift the samples of another phase (the Megatron-LM #457 probl
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from schedulers.fg_wsd import Phase
@@ -38,11 +36,6 @@ class DataTokenizer:
         # part of the dataset cache key: a different vocabulary must not reuse cached indices
         return {"class": "DataTokenizer", "vocab_size": self.vocab_size, "eod": self.eod,
                 "pad": self.pad}
-
-
-def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
-    with open(Path(data_dir) / "manifest.json") as f:
-        return json.load(f)
 
 
 def build_tokenizer(manifest: dict[str, Any]) -> DataTokenizer:

@@ -16,7 +16,6 @@ import heapq
 import itertools
 import os
 import re
-import time
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional

@@ -26,6 +26,13 @@ def unhashed(default: Any = None) -> Any:
     return field(default=default, metadata={"unhashed": True})
 
 
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """A stage job's config dataclass back from its spec's dict (nested dataclasses included)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
+
+
 def ref_fields(cls: type) -> list[str]:
     return [f.name for f in fields(cls) if f.metadata.get("ref")]
 

@@ -11,13 +11,13 @@ import os
 import time
 
 from stages import job
-from stages.config import NoopConfig
+from stages.config import NoopConfig, from_dict
 from stages.contract import StageSpec
 from stages.tracking import MetricLogger
 
 
 def run(spec: StageSpec) -> dict:
-    cfg = NoopConfig(**spec.config)
+    cfg = from_dict(NoopConfig, spec.config)
     log = MetricLogger(spec)
     deadline = time.monotonic() + cfg.seconds
     while time.monotonic() < deadline:

@@ -19,10 +19,10 @@ from typing import Any
 from data_recipes.sources import iter_documents
 from data_recipes.tokenize import tokenize_source_to_indexed
 from stages import job
-from stages.config import PrepareConfig
+from stages.config import PrepareConfig, from_dict
 from stages.contract import MANIFEST, StageSpec, read_json, write_json_atomic
 from stages.tokenizer import sha256_file
-from stages.tracking import MetricLogger, flatten
+from stages.tracking import MetricLogger
 
 PROGRESS_EVERY_S = 5.0
 
@@ -76,7 +76,7 @@ def prepare_source(name: str, source: dict, model_file: str, tokenizer_sha: str,
 
 
 def run(spec: StageSpec) -> dict[str, Any]:
-    cfg = PrepareConfig(**spec.config)
+    cfg = from_dict(PrepareConfig, spec.config)
     tok = read_json(Path(spec.inputs["tokenizer"]) / MANIFEST)
     missing = [s for s in cfg.sources if s not in spec.sources]
     if missing:
@@ -84,7 +84,6 @@ def run(spec: StageSpec) -> dict[str, Any]:
     shards_dir = spec.out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricLogger(spec)
-    logger.params({**flatten(spec.config), "tokenizer": tok["model_file"]})
 
     shards = {}
     for i, name in enumerate(cfg.sources):

@@ -11,7 +11,6 @@ data_recipes.blend), and the run ends bitwise identical to an uninterrupted one 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -20,25 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from data_recipes.blend import build_phase_datasets, rank_micro_batches, read_manifest, step_samples
+from data_recipes.blend import build_phase_datasets, rank_micro_batches, step_samples
 from schedulers.mixture import all_sources
 from stages import checkpoint as ckpt
 from stages import distributed, job
-from stages.config import ModelConfig, PretrainConfig, num_params, pretrain_schedule
-from stages.contract import StageSpec
+from stages.config import ModelConfig, PretrainConfig, from_dict, num_params, pretrain_schedule
+from stages.contract import MANIFEST, StageSpec, read_json
 from stages.model import build_model, set_rotary_base, unwrap
 from stages.optim import build_ddp, build_optimizer, build_scheduler, current_lr
-from stages.tracking import MetricLogger, flatten
+from stages.tracking import MetricLogger
 
 DATA_ORDER = "data_order.jsonl"
 
 
 def load_configs(spec: StageSpec) -> tuple[PretrainConfig, ModelConfig]:
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PretrainConfig), spec.config))
-    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), spec.model))
-    return cfg, model
+    return from_dict(PretrainConfig, spec.config), from_dict(ModelConfig, spec.model)
 
 
 def check_batching(cfg: PretrainConfig, schedule, dp_size: int) -> None:
@@ -136,7 +132,6 @@ def log_start(logger: MetricLogger, cfg: PretrainConfig, model_cfg: ModelConfig,
               out: Path) -> None:
     from stages.plots import plot_lr, plot_mixture
 
-    logger.params(flatten({"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)}))
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     logger.artifact(plot_lr(schedule, plots / "lr.png"), "plots")
@@ -150,7 +145,7 @@ def run(spec: StageSpec) -> dict[str, Any]:
     info = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
     is_rank0 = info.rank == 0
     try:
-        manifest = read_manifest(spec.inputs["data"])
+        manifest = read_json(Path(spec.inputs["data"]) / MANIFEST)
         schedule = pretrain_schedule(cfg, model_cfg)
         check_batching(cfg, schedule, info.dp_size)
         sources = all_sources(schedule)

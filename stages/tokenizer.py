@@ -18,9 +18,9 @@ from typing import Any
 from data_recipes.sources import iter_documents
 from data_recipes.tokenize import load_processor, train_from_sample, write_sample
 from stages import job
-from stages.config import TokenizerConfig
+from stages.config import TokenizerConfig, from_dict
 from stages.contract import StageSpec
-from stages.tracking import MetricLogger, flatten
+from stages.tracking import MetricLogger
 
 
 def sha256_file(path: str | Path) -> str:
@@ -44,11 +44,10 @@ def _adopt(model_file: str, prefix: Path) -> None:
 
 
 def run(spec: StageSpec) -> dict[str, Any]:
-    cfg = TokenizerConfig(**spec.config)
+    cfg = from_dict(TokenizerConfig, spec.config)
     spec.out.mkdir(parents=True, exist_ok=True)
     prefix = spec.out / "tokenizer"
     logger = MetricLogger(spec)
-    logger.params(flatten(spec.config))
     start = time.perf_counter()
     sample_bytes = None
 

@@ -76,10 +76,6 @@ class MetricLogger:
                 self.unsent_warning_shown = True
             return False
 
-    def params(self, params: dict[str, Any]) -> None:
-        if self.enabled and self.client:
-            self._guard(lambda: self.client.log_batch(self.run_id, params=_as_params(params)))
-
     def artifact(self, path: str | os.PathLike, subdir: str | None = None) -> None:
         if self.enabled and self.client:
             self._guard(lambda: self.client.log_artifact(self.run_id, str(path), subdir))
@@ -94,12 +90,6 @@ class MetricLogger:
             fn()
         except Exception as e:
             print(f"[tracking] {e}", file=sys.stderr, flush=True)
-
-
-def _as_params(params: dict[str, Any]):
-    from mlflow.entities import Param
-
-    return [Param(k, str(v)[:6000]) for k, v in params.items()]
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
