@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.config import LaunchConfig
+from stages.config import LaunchConfig, stage_module
 from stages.contract import EXIT_STATUS, LOG, MANIFEST, StageSpec, read_json
 
 PID_FILE = "job.pid"
@@ -38,7 +38,7 @@ class JobResult:
 def command(spec: StageSpec, launcher: LaunchConfig) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={launcher.nproc_per_node}", "--max-restarts=0",
-            "-m", f"stages.{spec.kind}", "--spec", str(spec.out / "spec.json")]
+            "-m", stage_module(spec.kind), "--spec", str(spec.out / "spec.json")]
 
 
 def run_job(spec: StageSpec, launcher: LaunchConfig, env: dict[str, str] | None = None) -> JobResult:

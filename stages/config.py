@@ -218,6 +218,13 @@ STAGE_KINDS: dict[str, type] = {
     "pretrain": PretrainConfig,
 }
 
+_MODULE_OF_KIND = {"import": "hf_import", "export": "hf_export"}  # `import` is a Python keyword
+
+
+def stage_module(kind: str) -> str:
+    """The module a launcher runs for a stage kind (`python -m <module> --spec ...`)."""
+    return f"stages.{_MODULE_OF_KIND.get(kind, kind)}"
+
 
 def phase_specs(cfg: PretrainConfig, model: ModelConfig) -> list:
     """The recipe's phases with the model's defaults filled in (for `schedulers.fg_wsd`)."""

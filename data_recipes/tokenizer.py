@@ -1,0 +1,59 @@
+"""The tokenizer a stage job encodes and decodes with, loaded from a tokenizer stage's manifest.
+
+Every stage that turns text into tokens (SFT data, generation, eval) goes through `load_tokenizer`,
+so a tokenizer trained by our `tokenizer` stage (sentencepiece) and one that came with an imported
+model behave alike. The manifest says which it is (`"format"`; sentencepiece when absent).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from stages.contract import MANIFEST, read_json
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eod_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def token_id(self, piece: str) -> int | None:
+        """The id of a piece that is one token (a special token), or None if it is not one."""
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_file: str):
+        from data_recipes.tokenize import load_processor
+
+        self.model_file = model_file
+        self.sp = load_processor(model_file)
+        self.vocab_size = self.sp.get_piece_size()
+        self.eod_id = self.sp.eos_id()
+        self.pad_id = self.sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+
+def load_tokenizer(manifest: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a tokenizer-producing stage's manifest describes."""
+    fmt = manifest.get("format", "sentencepiece")
+    if fmt == "sentencepiece":
+        return SentencePieceTokenizer(manifest["model_file"])
+    raise ValueError(f"tokenizer format {fmt!r} is not supported (one of: sentencepiece)")
+
+
+def tokenizer_of_stage(stage_dir: str | Path) -> Tokenizer:
+    return load_tokenizer(read_json(Path(stage_dir) / MANIFEST))
