@@ -1,0 +1,63 @@
+"""Prompt sets for SFT data, eval and (later) RL: generated arithmetic questions or a jsonl file.
+
+Arithmetic prompts come in two disjoint splits, decided by a hash of the question text, so an eval
+on `heldout` never sees a question that `train` gave to SFT, whatever the seeds and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+
+from data_recipes.arithmetic import make_problem
+from stages.config import PromptsConfig
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    """Stable across runs: the sha256 of the text (first 16 hex digits)."""
+    text: str
+
+
+def _id(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def in_heldout(text: str, fraction: float) -> bool:
+    return int(_id(text), 16) / 16 ** 16 < fraction
+
+
+def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
+    """At most `cfg.num` distinct prompts, in a fixed order."""
+    if cfg.kind == "jsonl":
+        return _from_jsonl(cfg)
+    rng = random.Random(cfg.seed)
+    want_heldout = cfg.split == "heldout"
+    seen: dict[str, Prompt] = {}
+    tries = 0
+    while len(seen) < cfg.num and tries < 50 * cfg.num + 1000:
+        tries += 1
+        text = make_problem(rng, cfg.max_digits)["question"]
+        if text not in seen and in_heldout(text, cfg.heldout_fraction) == want_heldout:
+            seen[text] = Prompt(_id(text), text)
+    return list(seen.values())
+
+
+def _from_jsonl(cfg: PromptsConfig) -> list[Prompt]:
+    out: dict[str, Prompt] = {}
+    with open(cfg.path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[cfg.field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"prompts.path: {cfg.path}:{lineno}: not a JSON object with a "
+                                 f"{cfg.field!r} field") from None
+            out.setdefault(text, Prompt(_id(text), text))
+            if len(out) >= cfg.num:
+                break
+    return list(out.values())

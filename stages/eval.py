@@ -1,0 +1,98 @@
+"""The `eval` stage: a verifiable benchmark on any checkpoint, logged to MLflow.
+
+    python -m stages.eval --spec <output_dir>/spec.json
+
+Greedy exact match of the final answer, and pass@k from `samples` sampled answers per prompt
+(the unbiased estimator of Chen et al. 2021: 1 - C(n-c, k) / C(n, k)). The task's verifier
+decides correctness (arithmetic: data_recipes.arithmetic.check_answer on the `Answer: N` line).
+A chat-tuned model is prompted with the chat template; a base model with `completion_template`.
+Every prompt, answer and verdict goes to eval_samples.jsonl (an MLflow artifact).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from data_recipes.arithmetic import check_answer
+from data_recipes.chat import Message, parse_assistant
+from data_recipes.prompts import load_prompts
+from data_recipes.tokenizer import tokenizer_of_stage
+from stages import distributed, job
+from stages.config import EvalConfig, GeneratorConfig, checkpoint_model, from_dict
+from stages.contract import MANIFEST, StageSpec, read_json
+from stages.generate import EngineGenerator, load_checkpoint_model
+from stages.tracking import MetricLogger
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k answers drawn from n (c of them correct) is correct."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def final_answer(text: str, prompt_format: str) -> str:
+    return parse_assistant(text).content if prompt_format == "chat" else text
+
+
+def run(spec: StageSpec) -> dict[str, Any]:
+    cfg = from_dict(EvalConfig, spec.config)
+    if cfg.prompts.kind != "arithmetic":
+        raise ValueError(f"prompts.kind: {cfg.prompts.kind!r} has no verifier yet; eval supports "
+                         "arithmetic")
+    info = distributed.init(seed=cfg.seed)
+    try:
+        if info.world_size != 1:
+            raise ValueError("eval runs as one process (launcher.nproc_per_node: 1)")
+        t0 = time.time()
+        tok = tokenizer_of_stage(spec.inputs["tokenizer"])
+        model_cfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["init"]) / MANIFEST),
+                                     cfg.model)
+        model = load_checkpoint_model(spec.inputs["init"], model_cfg, tok.vocab_size)
+        prompts = load_prompts(cfg.prompts)
+        chats = [[Message("user", p.text)] for p in prompts]
+        logger = MetricLogger(spec)
+
+        def answers(temperature: float, seed: int) -> list[str]:
+            gen = EngineGenerator(model, tok, GeneratorConfig(
+                kind="engine", temperature=temperature, top_p=cfg.top_p,
+                max_tokens=cfg.max_new_tokens, seed=seed, batch_size=cfg.batch_size,
+                prompt_format=cfg.prompt_format, completion_template=cfg.completion_template,
+                stop=list(cfg.stop)))
+            return gen.complete(chats)
+
+        greedy = answers(0.0, cfg.seed)
+        greedy_ok = [check_answer(p.text, final_answer(a, cfg.prompt_format))
+                     for p, a in zip(prompts, greedy)]
+        sampled = [answers(cfg.temperature, cfg.seed + 1 + j) for j in range(cfg.samples)]
+        correct = [sum(check_answer(p.text, final_answer(s[i], cfg.prompt_format))
+                       for s in sampled) for i, p in enumerate(prompts)]
+        result: dict[str, Any] = {"prompts": len(prompts),
+                                  "exact_match": sum(greedy_ok) / len(prompts)}
+        if cfg.samples:
+            for k in cfg.k:
+                result[f"pass_at_{k}"] = sum(pass_at_k(cfg.samples, c, k)
+                                          for c in correct) / len(prompts)
+        result["seconds"] = time.time() - t0
+        logger.log(0, {f"eval/{k}": v for k, v in result.items()})
+        table = spec.out / "eval_samples.jsonl"
+        with open(table, "w", encoding="utf-8") as f:
+            for i, p in enumerate(prompts):
+                f.write(json.dumps({"prompt": p.text, "greedy": greedy[i], "correct": greedy_ok[i],
+                                    "sampled_correct": correct[i],
+                                    "sampled": [s[i] for s in sampled]}) + "\n")
+        logger.artifact(table)
+        logger.close()
+        print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in result.items()), flush=True)
+        return {**result, "checkpoint_of": spec.inputs["init"], "samples_file": str(table)}
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    job.main(run)

@@ -1,0 +1,153 @@
+"""Batched sampling from the engine's GPTModel with a KV cache (megatron's StaticInferenceContext).
+
+One prefill over the shortest prompt of the batch, then one token per step for every sequence:
+a sequence whose prompt is longer than the shortest one is fed its own prompt tokens until its
+prompt is used up (megatron's static-batching text generator does the same). No padding mask is
+needed that way: every row is a plain causal sequence. Sampling: greedy (temperature 0) or
+temperature + top-p, from a seeded generator, so a batch is reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data_recipes.generators import Generator
+from stages.model import unwrap
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+    """Next token ids [b] from last-position logits [b, vocab]."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, -1)
+    if cfg.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > cfg.top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int],
+             vocab_size: int) -> list[list[int]]:
+    """The new tokens of each prompt (ending with a stop token when one was sampled).
+
+    `vocab_size` is the tokenizer's: the padded embedding rows beyond it are never sampled.
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    gpt = unwrap(model)
+    was_training = gpt.training
+    gpt.eval()
+    device = next(gpt.parameters()).device
+    b = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts])
+    if lengths.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    total = int(lengths.max()) + cfg.max_new_tokens
+    tokens = torch.zeros(b, total, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    tokens = tokens.to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    ctx = StaticInferenceContext(b, total)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    ends = (lengths + cfg.max_new_tokens).to(device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    start = int(lengths.min())
+    prev = 0
+    for pos in range(start, total):
+        chunk = tokens[:, prev:pos]
+        positions = torch.arange(prev, pos, device=device).unsqueeze(0).expand(b, -1)
+        mask = None
+        if device.type == "cpu":  # megatron's default mask is built on cuda (notes #4)
+            n = pos - prev
+            mask = torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), diagonal=1)
+        logits = gpt(chunk, positions, mask, inference_context=ctx, runtime_gather_output=True)
+        ctx.sequence_len_offset += pos - prev
+        prev = pos
+        nxt = sample_next(logits[:, -1, :vocab_size], cfg, gen)
+        in_prompt = pos < lengths.to(device)
+        nxt = torch.where(in_prompt, tokens[:, pos], nxt)
+        nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+        tokens[:, pos] = nxt
+        done |= ~in_prompt & torch.isin(nxt, stop)
+        done |= pos + 1 >= ends
+        if bool(done.all()):
+            break
+    gpt.train(was_training)
+    out = []
+    for i, p in enumerate(prompts):
+        new = tokens[i, len(p):].tolist()
+        for j, t in enumerate(new):
+            if t in stop_ids:
+                new = new[:j + 1]
+                break
+        out.append(new[:cfg.max_new_tokens])
+    return out
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """`text` up to the first stop string (exclusive)."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[:min(cuts)] if cuts else text
+
+
+def load_checkpoint_model(stage_dir: str, model_cfg, vocab_size: int):
+    """A GPTModel of `model_cfg` with the latest checkpoint of `stage_dir` loaded, in eval mode."""
+    from stages.checkpoint import load_model_weights_only
+    from stages.model import build_model
+
+    model = build_model(model_cfg, vocab_size, model_cfg.seq_length)
+    load_model_weights_only(stage_dir, model)
+    return model.eval()
+
+
+class EngineGenerator(Generator):
+    """The generator interface (data_recipes.generators) over a pipeline checkpoint.
+
+    `chat` prompts use our chat template and stop at `<|im_end|>`; `completion` prompts fill
+    `completion_template` with the last user message (a base model continues a document).
+    """
+
+    def __init__(self, model, tokenizer, cfg):
+        from data_recipes.chat import IM_END
+
+        self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.stop_ids = {tokenizer.eod_id}
+        if cfg.prompt_format == "chat":
+            self.stop_ids.add(tokenizer.token_id(IM_END))
+        self.tokens_generated = 0
+
+    def encode(self, chat) -> list[int]:
+        from data_recipes.chat import encode_prompt, encode_text
+
+        if self.cfg.prompt_format == "chat":
+            return encode_prompt(self.tok, chat)
+        return encode_text(self.tok, self.cfg.completion_template.format(prompt=chat[-1].content))
+
+    def complete(self, chats) -> list[str]:
+        c = self.cfg
+        sampling = SamplingConfig(temperature=c.temperature, top_p=c.top_p,
+                                  max_new_tokens=c.max_tokens, seed=c.seed)
+        out = []
+        for i in range(0, len(chats), c.batch_size):
+            prompts = [self.encode(chat) for chat in chats[i:i + c.batch_size]]
+            for new in generate(self.model, prompts, sampling, self.stop_ids, self.tok.vocab_size):
+                self.tokens_generated += len(new)
+                ids = [t for t in new if t not in self.stop_ids]
+                out.append(cut_at_stop(self.tok.decode(ids), list(c.stop)))
+        return out
+

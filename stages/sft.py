@@ -1,0 +1,233 @@
+"""The `sft` stage: supervised fine-tuning on chat samples from an `sft_data` stage.
+
+    python -m stages.sft --spec <output_dir>/spec.json
+
+Starts from the `init` stage's latest checkpoint with that checkpoint's architecture (its manifest's
+`model`, plus this stage's `model:` overrides). Samples are rendered with the chat template
+(data_recipes.chat), the loss counts assistant tokens only, and several samples are packed into
+each sequence with attention blocked between them (data_recipes.sft_pack). The loss of a step is
+the mean over all assistant tokens of the global batch, so a long answer weighs as much per token
+as a short one and packing does not change the objective. The LR is Megatron's WSD scheduler on a
+one-phase FG-WSD schedule: linear warmup, then decay over the remaining steps. Resume: the same
+checkpoint machinery as pretraining, bitwise on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_recipes.chat import Message, encode_chat
+from data_recipes.sft_pack import Packed, attention_mask, build_sequence, pack
+from data_recipes.tokenizer import tokenizer_of_stage
+from schedulers.fg_wsd import PhaseSpec, build_schedule
+from stages import checkpoint as ckpt
+from stages import distributed, job
+from stages.config import SFTConfig, checkpoint_model, from_dict
+from stages.contract import MANIFEST, StageSpec, read_json
+from stages.model import build_model
+from stages.optim import build_ddp, build_optimizer, build_scheduler, current_lr
+from stages.pretrain import params_sha256
+from stages.tracking import MetricLogger
+
+
+def load_samples(data_dir: str) -> list[dict]:
+    manifest = read_json(Path(data_dir) / MANIFEST)
+    with open(manifest["data"], encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def split_heldout(samples: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """(train, heldout): the n samples with the smallest id hashes are held out (order-free)."""
+    rank = sorted(range(len(samples)),
+                  key=lambda i: hashlib.sha256(samples[i]["id"].encode()).hexdigest())
+    held = set(rank[:n])
+    return ([s for i, s in enumerate(samples) if i not in held],
+            [s for i, s in enumerate(samples) if i in held])
+
+
+def encode_all(tokenizer, samples: list[dict]) -> list[tuple[list[int], list[int]]]:
+    return [encode_chat(tokenizer, [Message(**m) for m in s["messages"]]) for s in samples]
+
+
+def sft_schedule(cfg: SFTConfig, steps: int, seq_length: int, rotary_base: float):
+    """A one-phase FG-WSD schedule: warmup steps, then decay over all the remaining steps."""
+    tps = cfg.global_batch_size * seq_length
+    phase = PhaseSpec("sft", steps * tps, {"sft": 1.0}, seq_length, rotary_base,
+                      cfg.global_batch_size)
+    warmup = min(cfg.lr.warmup_steps, steps)
+    return build_schedule([phase], lr_max=cfg.lr.max, lr_min=cfg.lr.min, lr_init=0.0,
+                          warmup_tokens=warmup * tps, decay_tokens=(steps - warmup) * tps,
+                          decay_style=cfg.lr.decay_style)
+
+
+def make_batch(encoded, packs: list[Packed], seq_length: int, pad_id: int,
+               device) -> dict[str, torch.Tensor]:
+    seqs = [build_sequence(encoded, p, seq_length, pad_id) for p in packs]
+    batch = {k: torch.from_numpy(np.stack([s[k] for s in seqs])) for k in seqs[0]}
+    batch["attention_mask"] = torch.from_numpy(attention_mask(batch.pop("segment").numpy()))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token losses times the loss mask, [b, s]."""
+    losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                   labels=batch["labels"])
+    return losses.float() * batch["loss_mask"]
+
+
+def train_step(model, optimizer, encoded, packs: list[Packed], cfg: SFTConfig, seq_length: int,
+               pad_id: int, info) -> tuple[float, float, int]:
+    """One optimizer step over this rank's packed sequences; returns (loss, grad norm, tokens)."""
+    micro = [packs[i:i + cfg.micro_batch_size] for i in range(0, len(packs), cfg.micro_batch_size)]
+    batches = [make_batch(encoded, m, seq_length, pad_id, info.device) for m in micro]
+    mine = sum(float(b["loss_mask"].sum()) for b in batches)
+    total = distributed.dp_sum(torch.tensor(mine, device=info.device))  # trained tokens, all ranks
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_sum = torch.zeros((), device=info.device)
+    for batch in batches:
+        s = token_losses(model, batch).sum()
+        # DDP averages gradients over DP ranks: scale so the result is sum / all ranks' tokens
+        (s * info.dp_size / max(total, 1.0)).backward()
+        loss_sum += s.detach()
+    model.finish_grad_sync()
+    ok, grad_norm, _ = optimizer.step()
+    assert ok, "optimizer step skipped (non-finite gradients)"
+    loss = distributed.dp_sum(loss_sum) / max(total, 1.0)
+    assert math.isfinite(loss), f"loss is {loss}"
+    return loss, float(grad_norm), int(total)
+
+
+@torch.no_grad()
+def heldout_loss(model, encoded, cfg: SFTConfig, seq_length: int, pad_id: int, info) -> float:
+    """Mean loss over the assistant tokens of the held-out samples (shared out over DP ranks)."""
+    if not encoded:
+        return float("nan")
+    packs = pack([len(e[0]) for e in encoded], seq_length, packing=cfg.packing, shuffle=False)
+    mine = packs[info.dp_rank::info.dp_size]
+    model.eval()
+    s = torch.zeros((), device=info.device)
+    n = torch.zeros((), device=info.device)
+    for i in range(0, len(mine), cfg.micro_batch_size):
+        batch = make_batch(encoded, mine[i:i + cfg.micro_batch_size], seq_length, pad_id,
+                           info.device)
+        s += token_losses(model, batch).sum()
+        n += batch["loss_mask"].sum()
+    model.train()
+    return distributed.dp_sum(s) / distributed.dp_sum(n)
+
+
+def run(spec: StageSpec) -> dict[str, Any]:
+    cfg = from_dict(SFTConfig, spec.config)
+    out = spec.out
+    info = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
+    is_rank0 = info.rank == 0
+    t_start = time.time()
+    try:
+        if cfg.parallel.pipeline != 1:
+            raise ValueError("parallel.pipeline > 1 is not supported by the sft loop yet")
+        upstream = read_json(Path(spec.inputs["init"]) / MANIFEST) if spec.inputs.get("init") else {}
+        model_cfg = checkpoint_model(spec.model, upstream, cfg.model)
+        seq_length = model_cfg.seq_length
+        tok = tokenizer_of_stage(spec.inputs["tokenizer"])
+        train, held = split_heldout(load_samples(spec.inputs["data"]), cfg.heldout_samples)
+        if not train:
+            raise ValueError(f"data: no training samples ({len(held)} held out)")
+        encoded, held_encoded = encode_all(tok, train), encode_all(tok, held)
+        truncated = sum(len(ids) > seq_length + 1 for ids, _ in encoded)
+        packs = pack([len(e[0]) for e in encoded], seq_length, epochs=cfg.epochs, seed=cfg.seed,
+                     packing=cfg.packing)
+        per_step = cfg.global_batch_size
+        if per_step % (cfg.micro_batch_size * info.dp_size):
+            raise ValueError(f"global_batch_size ({per_step}) must be a multiple of "
+                             f"micro_batch_size ({cfg.micro_batch_size}) x data-parallel size "
+                             f"({info.dp_size})")
+        total_steps = len(packs) // per_step
+        if total_steps < 1:
+            raise ValueError(f"{len(packs)} packed sequences make less than one step of "
+                             f"global_batch_size {per_step}")
+        epoch_end = {}  # epoch -> the step after which all its sequences are trained
+        for i, p in enumerate(packs[:total_steps * per_step]):
+            epoch_end[p.epoch] = i // per_step + 1
+        schedule = sft_schedule(cfg, total_steps, seq_length, model_cfg.rotary_base)
+        print(f"{len(train)} samples ({truncated} cut to {seq_length + 1} tokens), "
+              f"{len(held)} held out; {len(packs)} sequences of {seq_length} over {cfg.epochs} "
+              f"epochs -> {total_steps} steps", flush=True)
+
+        model = build_ddp(build_model(model_cfg, tok.vocab_size, seq_length))
+        optimizer = build_optimizer(model, cfg.optimizer, schedule)
+        logger = MetricLogger(spec, info.rank)
+        ckpt_root = out / "checkpoints"
+        if is_rank0:
+            ckpt.remove_incomplete(ckpt_root)
+        distributed.barrier()
+        latest = ckpt.latest_checkpoint(ckpt_root)
+        state: dict[str, Any] = {"step": 0, "heldout": {}, "loss": None, "seconds": 0.0}
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest, model, optimizer)
+            print(f"resumed from {latest}", flush=True)
+        elif spec.inputs.get("init"):
+            ckpt.load_model_weights_only(spec.inputs["init"], model)
+        step = state["step"]
+        scheduler = build_scheduler(optimizer, schedule, cfg.optimizer.weight_decay, step)
+        if step == 0 and held_encoded:
+            state["heldout"]["0"] = heldout_loss(model, held_encoded, cfg, seq_length,
+                                                 tok.pad_id, info)
+            logger.log(0, {"heldout/loss": state["heldout"]["0"]})
+
+        t_loop, first_step = time.time(), step
+        while step < total_steps:
+            step_packs = packs[step * per_step:(step + 1) * per_step][info.dp_rank::info.dp_size]
+            lr = current_lr(optimizer)
+            t_step = time.time()
+            loss, grad_norm, tokens = train_step(model, optimizer, encoded, step_packs, cfg,
+                                                 seq_length, tok.pad_id, info)
+            step_s = time.time() - t_step
+            scheduler.step(1)
+            step += 1
+            state["loss"] = loss
+            epoch = packs[(step - 1) * per_step].epoch
+            logger.log(step - 1, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                  "trained_tokens": tokens, "step_s": step_s, "epoch": epoch})
+            if is_rank0 and (step % cfg.log_every == 0 or step == total_steps):
+                eta = (time.time() - t_loop) / (step - first_step) * (total_steps - step)
+                print(f"step {step}/{total_steps} | epoch {epoch} | loss {loss:.4f} | "
+                      f"lr {lr:.3e} | {step_s * 1000:.0f} ms/step | ETA {eta:,.0f}s", flush=True)
+            ended = [e for e, end in epoch_end.items() if end == step]
+            if ended and held_encoded:
+                h = heldout_loss(model, held_encoded, cfg, seq_length, tok.pad_id, info)
+                state["heldout"][str(ended[-1] + 1)] = h
+                logger.log(step - 1, {"heldout/loss": h})
+                if is_rank0:
+                    print(f"epoch {ended[-1] + 1} done: held-out loss {h:.4f}", flush=True)
+            preempt = distributed.all_agree(job.preempt_requested())
+            if step % cfg.checkpoint_every == 0 or step == total_steps or preempt:
+                state.update(step=step, scheduler_steps=scheduler.num_steps,
+                             seconds=distributed.all_max(state["seconds"] + time.time() - t_start))
+                t_start = time.time()
+                path = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state,
+                                            keep=cfg.keep_checkpoints)
+            if preempt and step < total_steps:
+                logger.close()
+                raise job.Preempted(f"checkpoint {path.name} written at step {step}")
+        logger.close()
+        return {"final_step": step, "final_loss": state["loss"], "heldout_loss": state["heldout"],
+                "samples": len(train), "heldout_samples": len(held), "truncated": truncated,
+                "sequences": len(packs), "checkpoint": str(ckpt.step_dir(ckpt_root, step)),
+                "params_sha256": params_sha256(model), "model": dataclasses.asdict(model_cfg),
+                "seconds": state["seconds"]}
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    job.main(run)
