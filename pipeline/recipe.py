@@ -157,15 +157,28 @@ def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
     hints = typing.get_type_hints(cls)
     node = node.copy()
     items: dict[str, list] = {}
+    failed = False
     for f in dataclasses.fields(cls):
-        elem = _list_item_dataclass(hints[f.name])
-        if elem is not None and isinstance(node.get(f.name), ListConfig):
+        hint, value = hints[f.name], node.get(f.name)
+        elem = _list_item_dataclass(hint)
+        if elem is not None and isinstance(value, ListConfig):
             items[f.name] = [_structured(elem, x, f"{_join(path, f.name)}[{i}]", problems)
-                             for i, x in enumerate(node[f.name])]
+                             for i, x in enumerate(value)]
             del node[f.name]
+        elif dataclasses.is_dataclass(hint) and isinstance(value, DictConfig):
+            # checked on its own first, so its errors carry its path; merged below as it is
+            if _structured(hint, value, _join(path, f.name), problems) is None:
+                failed = True
+    if failed:
+        return None
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(cls), node)
         obj = OmegaConf.to_object(cfg)
+        if items:
+            for name, values in items.items():
+                setattr(obj, name, values)
+            if hasattr(obj, "__post_init__"):  # again, now with the nested values in place
+                obj.__post_init__()
     except OmegaConfBaseException as e:
         problems.append((_join(path, _key_of(e)), _reason(e)))
         return None
@@ -173,8 +186,6 @@ def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
         key, _, msg = str(e).partition(": ")
         problems.append((_join(path, key), msg) if msg else (path, str(e)))
         return None
-    for name, values in items.items():
-        setattr(obj, name, values)
     return obj
 
 

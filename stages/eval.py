@@ -35,8 +35,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def final_answer(text: str, prompt_format: str) -> str:
-    return parse_assistant(text).content if prompt_format == "chat" else text
+def score(prompts: list[str], texts: list[str], prompt_format: str) -> list[bool]:
+    """Exact match of each generation's final answer (a chat answer's thinking block is ignored)."""
+    return [check_answer(p, parse_assistant(t).content if prompt_format == "chat" else t)
+            for p, t in zip(prompts, texts)]
 
 
 def run(spec: StageSpec) -> dict[str, Any]:
@@ -65,12 +67,12 @@ def run(spec: StageSpec) -> dict[str, Any]:
                 stop=list(cfg.stop)))
             return gen.complete(chats)
 
+        texts = [p.text for p in prompts]
         greedy = answers(0.0, cfg.seed)
-        greedy_ok = [check_answer(p.text, final_answer(a, cfg.prompt_format))
-                     for p, a in zip(prompts, greedy)]
+        greedy_ok = score(texts, greedy, cfg.prompt_format)
         sampled = [answers(cfg.temperature, cfg.seed + 1 + j) for j in range(cfg.samples)]
-        correct = [sum(check_answer(p.text, final_answer(s[i], cfg.prompt_format))
-                       for s in sampled) for i, p in enumerate(prompts)]
+        per_sample = [score(texts, s, cfg.prompt_format) for s in sampled]
+        correct = [sum(ok[i] for ok in per_sample) for i in range(len(prompts))]
         result: dict[str, Any] = {"prompts": len(prompts),
                                   "exact_match": sum(greedy_ok) / len(prompts)}
         if cfg.samples:

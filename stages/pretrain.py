@@ -11,6 +11,7 @@ data_recipes.blend), and the run ends bitwise identical to an uninterrupted one 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -242,6 +243,10 @@ def run(spec: StageSpec) -> dict[str, Any]:
                 "eval_losses": state["eval_losses"], "checkpoint": str(final),
                 "params_sha256": params_sha256(model),
                 "num_params": num_params(model_cfg, manifest["vocab_size"]),
+                # what a stage starting from this checkpoint must build (the last phase's context)
+                "model": dataclasses.asdict(dataclasses.replace(
+                    model_cfg, seq_length=schedule.phases[-1].seq_length,
+                    rotary_base=schedule.phases[-1].rotary_base)),
                 "seconds": state["seconds"]}
     finally:
         distributed.teardown()

@@ -68,7 +68,7 @@ def run(spec: StageSpec) -> dict[str, Any]:
                                         sample, cfg.sample_bytes)
             print(f"training BPE, vocab {cfg.vocab_size}, on {sample_bytes} bytes",
                   flush=True)
-            train_from_sample(sample, prefix, cfg.vocab_size, cfg.seed)
+            train_from_sample(sample, prefix, cfg.vocab_size, cfg.seed, cfg.special_tokens)
         finally:
             sample.unlink(missing_ok=True)
     seconds = time.perf_counter() - start

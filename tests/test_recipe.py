@@ -83,7 +83,7 @@ def test_reference_to_unknown_stage_and_wrong_kind():
     errors = errors_of(["stages.pretrain.data=prep", "stages.prepare.tokenizer=prepare",
                         "stages.tokenizer.after=[nope]"])
     assert "'prep' is not a stage of this recipe" in errors["stages.pretrain.data"]
-    assert "expected a tokenizer stage" in errors["stages.prepare.tokenizer"]
+    assert "expected a tokenizer or import stage" in errors["stages.prepare.tokenizer"]
     assert "'nope' is not a stage" in errors["stages.tokenizer.after[0]"]
 
 
@@ -120,3 +120,26 @@ def test_bad_override_syntax_and_bad_yaml(write_recipe, capsys):
     path = write_recipe("name: [unclosed\n")
     assert main(["plan", str(path)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_sft_data_sft_and_eval_settings_are_checked_with_their_key_paths():
+    errors = errors_of(["stages.sft_data.drafter.kind=http", "stages.sft_data.cot.kind=gpt",
+                        "stages.eval_sft.k=[1,9]", "stages.sft_data.prompts.split=test"])
+    assert errors == {
+        "stages.sft_data.drafter.url": "the http backend needs the endpoint's base URL",
+        "stages.sft_data.cot.kind": "'gpt' is not a generator backend; one of engine, http, oracle",
+        "stages.sft_data.prompts.split": "'test'; one of train, heldout",
+        "stages.eval_sft.k": "[9] must be between 1 and samples (4)"}
+    assert errors_of(["stages.sft_data.evaluators=[]"]) == {
+        "stages.sft_data.evaluators": "name at least one evaluator"}
+
+
+def test_sft_and_eval_references_must_point_at_the_right_kinds():
+    errors = errors_of(["stages.sft.data=prepare", "stages.eval_base.init=tokenizer",
+                        "stages.sft_data.engine=prepare"])
+    assert errors == {
+        "stages.sft.data": "'prepare' is a prepare stage; expected a sft_data stage",
+        "stages.eval_base.init": "'tokenizer' is a tokenizer stage; expected a pretrain or sft "
+                                 "or import stage",
+        "stages.sft_data.engine": "'prepare' is a prepare stage; expected a pretrain or sft or "
+                                  "import stage"}

@@ -194,3 +194,25 @@ def test_sft_data_stage_resumes_after_sigkill_without_redoing_finished_samples(t
     for rec in finished.values():  # what was saved before the kill is what the stage kept
         if rec["status"] == "accepted":
             assert {"id": rec["id"], "messages": rec["messages"]} in data
+
+
+def test_sft_data_on_ray_workers_makes_the_same_data_as_one_process(tmp_path):
+    import ray
+
+    from stages.sft_data import _run
+
+    def make(out: Path, workers: int) -> dict:
+        cfg = SFTDataConfig(prompts=PromptsConfig(num=30, seed=6), shard_size=8, workers=workers,
+                            drafter=GeneratorConfig(error_rate=0.5, seed=1),
+                            reviser=GeneratorConfig(error_rate=0.5, seed=2))
+        return _run(StageSpec(name="d", kind="sft_data", config=asdict(cfg),
+                              output_dir=str(out)))
+
+    one = make(tmp_path / "one", 1)
+    try:
+        two = make(tmp_path / "two", 2)
+    finally:
+        ray.shutdown()
+    assert 0 < one["accepted"] < 30 and one["rounds"] == two["rounds"]
+    assert Path(one["data"]).read_text() == Path(two["data"]).read_text()
+    assert len(list((tmp_path / "two" / "records").glob("shard-*.jsonl"))) == 4
