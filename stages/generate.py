@@ -57,6 +57,10 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set
     if lengths.min() < 1:
         raise ValueError("every prompt needs at least one token")
     total = int(lengths.max()) + cfg.max_new_tokens
+    if total > gpt.max_sequence_length:
+        raise ValueError(f"the longest prompt ({int(lengths.max())} tokens) + max_new_tokens "
+                         f"({cfg.max_new_tokens}) exceeds the model's seq_length "
+                         f"({gpt.max_sequence_length})")
     tokens = torch.zeros(b, total, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(p)

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO
 
 TINY = REPO / "recipes" / "tiny.yaml"
+STAGES = ("tokenizer", "prepare", "pretrain", "eval_base", "sft_data", "sft", "eval_sft")
 pytestmark = pytest.mark.slow
 
 
@@ -52,7 +53,7 @@ def test_all_stages_complete_with_progress_output(tiny_run):
     workdir, result, seconds = tiny_run
     print(f"tiny pipeline: {seconds:.0f} s")
     dirs = stage_dirs(workdir)
-    assert set(dirs) == {"tokenizer", "prepare", "pretrain"}
+    assert set(dirs) == set(STAGES)
     shards = manifest(dirs["prepare"][0])["shards"]
     assert set(shards) == {"code", "prose", "arithmetic"}
     assert {s["quality"] for s in shards.values()} == {"general", "high"}
@@ -61,7 +62,20 @@ def test_all_stages_complete_with_progress_output(tiny_run):
         assert s["documents"] > 0 and s["tokens"] > s["documents"]
     pre = manifest(dirs["pretrain"][0])
     assert len(pre["eval_losses"]) == 5  # held-out loss at the end of every phase
-    assert "[pretrain]" in result.stdout and "all 3 stages finished" in result.stdout
+    assert "[pretrain]" in result.stdout and "all 7 stages finished" in result.stdout
+    data = manifest(dirs["sft_data"][0])
+    assert data["drafted"] == data["prompts"] and 0 < data["accepted"] <= data["prompts"]
+    assert data["accepted"] + data["rejected"] == data["prompts"]
+    assert sum(r["accepted"] for r in data["rounds"]) == data["accepted"]
+    sft = manifest(dirs["sft"][0])
+    held = sft["heldout_loss"]  # before SFT, then after each epoch
+    assert held[str(len(held) - 1)] < held["0"]
+    assert sft["model"]["rotary_base"] == 40000  # the architecture pretraining ended with
+    for name in ("eval_base", "eval_sft"):
+        ev = manifest(dirs[name][0])
+        assert ev["prompts"] > 0 and 0 <= ev["exact_match"] <= 1 and "pass_at_4" in ev
+    print(f"exact match base {manifest(dirs['eval_base'][0])['exact_match']:.3f}, "
+          f"after SFT {manifest(dirs['eval_sft'][0])['exact_match']:.3f}")
     assert f"sqlite:///{workdir}/mlflow.db" in result.stdout
 
 
@@ -72,7 +86,7 @@ def test_mlflow_has_parent_and_nested_runs_with_params_metrics_artifacts(tiny_ru
     runs = client.search_runs([exp.experiment_id])
     parent, = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     stages = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    assert set(stages) == {"tokenizer", "prepare", "pretrain"}
+    assert set(stages) == set(STAGES)
     assert {r.data.tags["mlflow.parentRunId"] for r in stages.values()} == {parent.info.run_id}
     assert {r.info.status for r in stages.values()} == {"FINISHED"}
     assert "recipe.resolved.yaml" in {f.path for f in client.list_artifacts(parent.info.run_id)}
@@ -92,6 +106,14 @@ def test_mlflow_has_parent_and_nested_runs_with_params_metrics_artifacts(tiny_ru
     artifacts = _all_artifacts(client, run_id)
     assert {"spec.json", "manifest.json", "job.log"} <= {Path(a).name for a in artifacts}
     assert len([a for a in artifacts if a.endswith(".png")]) >= 2  # LR and mixture plots
+    for metric in ("round/accepted", "round/revised", "accepted", "rejected"):
+        assert client.get_metric_history(stages["sft_data"].info.run_id, metric), metric
+    assert "samples.jsonl" in _all_artifacts(client, stages["sft_data"].info.run_id)
+    for metric in ("loss", "heldout/loss", "lr"):
+        assert client.get_metric_history(stages["sft"].info.run_id, metric), metric
+    for name in ("eval_base", "eval_sft"):
+        assert client.get_metric_history(stages[name].info.run_id, "eval/exact_match")
+        assert "eval_samples.jsonl" in _all_artifacts(client, stages[name].info.run_id)
 
 
 def _all_artifacts(client, run_id, path=None):
@@ -107,10 +129,10 @@ def test_rerun_skips_everything_in_seconds(tiny_run):
     result = pipeline("run", str(TINY), f"workdir={workdir}")
     seconds = time.monotonic() - start
     assert result.returncode == 0
-    assert result.stdout.count("skip (done)") == 3 and "nothing to run" in result.stdout
+    assert result.stdout.count("skip (done)") == 7 and "nothing to run" in result.stdout
     assert seconds < 15  # measured ~1 s; generous for a loaded CI machine
     status = pipeline("status", str(TINY), f"workdir={workdir}").stdout
-    assert [line.split()[2] for line in status.splitlines()[1:]] == ["done"] * 3
+    assert [line.split()[2] for line in status.splitlines()[1:]] == ["done"] * 7
 
 
 def test_ctrl_c_during_pretrain_then_rerun_gives_bitwise_the_same_model(tiny_run):
@@ -143,11 +165,12 @@ def test_override_reruns_only_the_changed_stage(tiny_run):
     workdir = tiny_run[0]
     before = {n: [d.name for d in ds] for n, ds in stage_dirs(workdir).items()}
     mtimes = {d: (d / "manifest.json").stat().st_mtime
-              for n in ("tokenizer", "prepare") for d in stage_dirs(workdir)[n]}
-    result = pipeline("run", str(TINY), f"workdir={workdir}", "stages.pretrain.phases.3.tokens=20480")
+              for n in STAGES if n != "eval_sft" for d in stage_dirs(workdir)[n]}
+    result = pipeline("run", str(TINY), f"workdir={workdir}", "stages.eval_sft.samples=2",
+                      "stages.eval_sft.k=[1,2]")
     assert result.returncode == 0, result.stdout[-3000:]
     after = {n: [d.name for d in ds] for n, ds in stage_dirs(workdir).items()}
-    assert after["tokenizer"] == before["tokenizer"] and after["prepare"] == before["prepare"]
-    assert len(after["pretrain"]) == 2  # a new pretrain dir next to the old one
-    assert result.stdout.count("skip (done)") == 2
+    assert all(after[n] == before[n] for n in STAGES if n != "eval_sft")
+    assert len(after["eval_sft"]) == 2  # a new eval dir next to the old one
+    assert result.stdout.count("skip (done)") == 6
     assert all((d / "manifest.json").stat().st_mtime == t for d, t in mtimes.items())
