@@ -196,6 +196,24 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]
     return loaded["extra"]
 
 
+def resume_or_start(root: str | os.PathLike, model, optimizer, init: str | None,
+                    fresh: dict[str, Any]) -> dict[str, Any]:
+    """A training job's start (collective): the latest complete checkpoint under `root` if there
+    is one (returns its saved `extra` state), else `init`'s weights when given (returns `fresh`).
+    Interrupted writes are removed first."""
+    if _is_rank0():
+        remove_incomplete(root)
+    _barrier()
+    latest = latest_checkpoint(root)
+    if latest is not None:
+        state = load_checkpoint(latest, model, optimizer)
+        print(f"resumed from {latest}", flush=True)
+        return state
+    if init:
+        load_model_weights_only(init, model)
+    return fresh
+
+
 def load_model_weights_only(path: str | os.PathLike, model) -> None:
     """Initialise `model` from another stage's checkpoint (a checkpoint dir, or the `checkpoints`
     root / stage output dir holding them, in which case the latest complete one is used)."""

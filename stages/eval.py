@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def final_text(text: str, prompt_format: str) -> str:
+    """What is scored: a chat answer without its thinking block, or the completion."""
+    return parse_assistant(text).content if prompt_format == "chat" else text
+
+
 def score(prompts: list[str], texts: list[str], prompt_format: str) -> list[bool]:
-    """Exact match of each generation's final answer (a chat answer's thinking block is ignored)."""
-    return [check_answer(p, parse_assistant(t).content if prompt_format == "chat" else t)
-            for p, t in zip(prompts, texts)]
+    """Exact match of each generation's final answer."""
+    return [check_answer(p, final_text(t, prompt_format)) for p, t in zip(prompts, texts)]
+
+
+def answered(texts: list[str], prompt_format: str) -> float:
+    """The share of generations that end in a well-formed `Answer: N` line, right or wrong: a
+    model can learn the format before it learns the task."""
+    return sum(bool(_ANSWER_LINE.search(final_text(t, prompt_format))) for t in texts) / len(texts)
+
+
+_ANSWER_LINE = re.compile(r"Answer:\s*-?\d+\s*$")
 
 
 def run(spec: StageSpec) -> dict[str, Any]:
@@ -74,7 +88,8 @@ def run(spec: StageSpec) -> dict[str, Any]:
         per_sample = [score(texts, s, cfg.prompt_format) for s in sampled]
         correct = [sum(ok[i] for ok in per_sample) for i in range(len(prompts))]
         result: dict[str, Any] = {"prompts": len(prompts),
-                                  "exact_match": sum(greedy_ok) / len(prompts)}
+                                  "exact_match": sum(greedy_ok) / len(prompts),
+                                  "answered": answered(greedy, cfg.prompt_format)}
         if cfg.samples:
             for k in cfg.k:
                 result[f"pass_at_{k}"] = sum(pass_at_k(cfg.samples, c, k)

@@ -158,16 +158,8 @@ def run(spec: StageSpec) -> dict[str, Any]:
 
         # --- resume, or start (from `init` weights when given) ----------------------------------
         ckpt_root = out / "checkpoints"
-        if is_rank0:
-            ckpt.remove_incomplete(ckpt_root)
-        distributed.barrier()
-        latest = ckpt.latest_checkpoint(ckpt_root)
-        state: dict[str, Any] = {"step": 0, "eval_losses": {}, "loss": None, "seconds": 0.0}
-        if latest is not None:
-            state = ckpt.load_checkpoint(latest, model, optimizer)
-            print(f"resumed from {latest}", flush=True)
-        elif spec.inputs.get("init"):
-            ckpt.load_model_weights_only(spec.inputs["init"], model)
+        state = ckpt.resume_or_start(ckpt_root, model, optimizer, spec.inputs.get("init"),
+                                     {"step": 0, "eval_losses": {}, "loss": None, "seconds": 0.0})
         step = state["step"]
         scheduler = build_scheduler(optimizer, schedule, cfg.optimizer.weight_decay, step)
         assert scheduler.num_steps == state.get("scheduler_steps", step)

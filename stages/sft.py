@@ -167,16 +167,8 @@ def run(spec: StageSpec) -> dict[str, Any]:
         optimizer = build_optimizer(model, cfg.optimizer, schedule)
         logger = MetricLogger(spec, info.rank)
         ckpt_root = out / "checkpoints"
-        if is_rank0:
-            ckpt.remove_incomplete(ckpt_root)
-        distributed.barrier()
-        latest = ckpt.latest_checkpoint(ckpt_root)
-        state: dict[str, Any] = {"step": 0, "heldout": {}, "loss": None, "seconds": 0.0}
-        if latest is not None:
-            state = ckpt.load_checkpoint(latest, model, optimizer)
-            print(f"resumed from {latest}", flush=True)
-        elif spec.inputs.get("init"):
-            ckpt.load_model_weights_only(spec.inputs["init"], model)
+        state = ckpt.resume_or_start(ckpt_root, model, optimizer, spec.inputs.get("init"),
+                                     {"step": 0, "heldout": {}, "loss": None, "seconds": 0.0})
         step = state["step"]
         scheduler = build_scheduler(optimizer, schedule, cfg.optimizer.weight_decay, step)
         if step == 0 and held_encoded:

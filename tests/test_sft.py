@@ -238,7 +238,7 @@ def test_sft_resume_after_sigkill_is_bitwise_identical(reference, inputs, tmp_pa
 # --- eval scoring -----------------------------------------------------------------------------------
 
 def test_eval_scores_known_outputs():
-    from stages.eval import score
+    from stages.eval import answered, score
 
     prompts = ["What is 12 + 5?", "What is 9 * 9?", "What is 7 - 3?", "What is 2 + 2?"]
     chat = ["<think>\n2 + 5 = 7\n</think>\n\nAnswer: 17",   # right
@@ -248,6 +248,7 @@ def test_eval_scores_known_outputs():
     assert score(prompts, chat, "chat") == [True, False, True, False]
     completion = ["column 1: ...\nAnswer: 17", "Answer: 81", "Answer: 5", "4"]
     assert score(prompts, completion, "completion") == [True, True, False, True]
+    assert answered(chat, "chat") == 0.75 and answered(completion, "completion") == 0.75
 
 
 def test_pass_at_k_matches_its_definition():
