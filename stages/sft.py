@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import time
@@ -135,6 +136,11 @@ def run(spec: StageSpec) -> dict[str, Any]:
     try:
         if cfg.parallel.pipeline != 1:
             raise ValueError("parallel.pipeline > 1 is not supported by the sft loop yet")
+        if cfg.packing and importlib.util.find_spec("transformer_engine") is not None:
+            # TE's fused attention takes its mask type from the layer spec (causal) and would
+            # attend across packed samples; the fix is PackedSeqParams (THD), not built yet.
+            raise ValueError("packing: not supported with the TransformerEngine layer spec yet; "
+                             "set packing: false (one sample per sequence)")
         upstream = read_json(Path(spec.inputs["init"]) / MANIFEST) if spec.inputs.get("init") else {}
         model_cfg = checkpoint_model(spec.model, upstream, cfg.model)
         seq_length = model_cfg.seq_length

@@ -173,12 +173,12 @@ def _run(spec: StageSpec) -> dict[str, Any]:
     samples = [Sample(**records[p.id]) for p in prompts]
     accepted = [s for s in samples if s.status == "accepted"]
     _write_jsonl(out / "data.jsonl", [{"id": s.id, "messages": s.messages} for s in accepted])
-    _write_jsonl(out / "samples.jsonl", [{
-        "id": s.id, "prompt": s.prompt, "status": s.status, "draft": s.rounds[0]["answer"],
-        "critiques": [[v["critique"] for v in r["verdicts"][0] if not v["passed"]]
-                      for r in s.rounds],
-        "final_answer": s.final_answer, "summary": s.summary, "reasoning": s.reasoning,
-        "rounds": len(s.rounds)} for s in samples])
+    table = [{"id": s.id, "prompt": s.prompt, "status": s.status, "rounds": len(s.rounds),
+              "draft": s.rounds[0]["answer"],
+              "critiques": [_critiques(r) for r in s.rounds],
+              "final_answer": s.final_answer, "summary": s.summary, "reasoning": s.reasoning}
+             for s in samples]
+    _write_jsonl(out / "samples.jsonl", table)
     stats = round_stats(samples, cfg.max_rounds)
     for r, st in enumerate(stats):
         logger.log(r, {f"round/{k}": v for k, v in st.items()})
@@ -189,11 +189,18 @@ def _run(spec: StageSpec) -> dict[str, Any]:
                "samples_per_s": len(todo) / seconds if todo and seconds > 0 else None}
     logger.log(len(stats), {k: v for k, v in summary.items() if v is not None})
     logger.artifact(out / "samples.jsonl")
+    logger.table(table, "samples_table.json")  # MLflow shows it as a table
     logger.close()
     print(f"accepted {summary['accepted']}, rejected {summary['rejected']} of {len(prompts)}; "
           f"per round: {stats}", flush=True)
     return {**summary, "rounds": stats, "data": str((out / "data.jsonl").resolve()),
             "samples": str((out / "samples.jsonl").resolve())}
+
+
+def _critiques(round_: dict) -> list[str]:
+    """Every failed item's critique in one round, from all evaluators."""
+    return [f"{v['item']} {v['critique']}".strip() for verdicts in round_["verdicts"]
+            for v in verdicts if not v["passed"]]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

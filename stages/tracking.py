@@ -80,6 +80,13 @@ class MetricLogger:
         if self.enabled and self.client:
             self._guard(lambda: self.client.log_artifact(self.run_id, str(path), subdir))
 
+    def table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows as an MLflow table artifact (rendered as a table in the run's Artifacts view)."""
+        if self.enabled and self.client and rows:
+            columns = {k: [json.dumps(r[k]) if isinstance(r[k], (list, dict)) else r[k]
+                           for r in rows] for k in rows[0]}
+            self._guard(lambda: self.client.log_table(self.run_id, columns, artifact_file))
+
     def close(self) -> None:
         if self.enabled and not self.flush():
             print(f"[tracking] {len(self._queue)} metrics were not sent to MLflow; "

@@ -109,7 +109,8 @@ def test_mlflow_has_parent_and_nested_runs_with_params_metrics_artifacts(tiny_ru
     assert len([a for a in artifacts if a.endswith(".png")]) >= 2  # LR and mixture plots
     for metric in ("round/accepted", "round/revised", "accepted", "rejected"):
         assert client.get_metric_history(stages["sft_data"].info.run_id, metric), metric
-    assert "samples.jsonl" in _all_artifacts(client, stages["sft_data"].info.run_id)
+    assert {"samples.jsonl", "samples_table.json"} <= set(
+        _all_artifacts(client, stages["sft_data"].info.run_id))
     for metric in ("loss", "heldout/loss", "lr"):
         assert client.get_metric_history(stages["sft"].info.run_id, metric), metric
     for name in ("eval_base", "eval_sft"):
