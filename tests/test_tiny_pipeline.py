@@ -95,7 +95,7 @@ def test_mlflow_has_parent_and_nested_runs_with_params_metrics_artifacts(tiny_ru
     pre = stages["pretrain"]
     assert pre.data.params["config.lr.max"] == "0.003"
     assert pre.data.params["config.phases.4.seq_length"] == "256"
-    assert pre.data.params["model.hidden_size"] == "128"
+    assert pre.data.params["model.hidden_size"] == "256"
     run_id = pre.info.run_id
     for metric in ("loss", "lr", "tokens", "tokens_per_s", "mixture/arithmetic", "mixture/code",
                    "eval/loss"):
