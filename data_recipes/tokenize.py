@@ -18,7 +18,7 @@ import os
 import re
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -64,7 +64,7 @@ def write_sample(texts_iters: list[Iterable[str]], path: str | os.PathLike,
 
 
 def train_from_sample(sample_path: str | os.PathLike, out_prefix: str | os.PathLike,
-                      vocab_size: int, seed: int = 0) -> str:
+                      vocab_size: int, seed: int = 0, special_tokens: Sequence[str] = ()) -> str:
     """Train on a sample file; writes <out_prefix>.model/.vocab atomically, returns the model path."""
     out_prefix = str(out_prefix)
     tmp = f"{out_prefix}.partial"
@@ -77,6 +77,8 @@ def train_from_sample(sample_path: str | os.PathLike, out_prefix: str | os.PathL
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,  # indentation runs become pieces
             split_digits=True,  # one token per digit: arithmetic stays learnable
+            user_defined_symbols=list(special_tokens),  # always one token (chat markers)
+            add_dummy_prefix=False,  # encode(a) + encode(b) == encode(a + b) at marker boundaries
             max_sentence_length=16384, num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
         raise ValueError(_vocab_error(str(e), vocab_size, sample_path)) from None
@@ -87,12 +89,13 @@ def train_from_sample(sample_path: str | os.PathLike, out_prefix: str | os.PathL
 
 
 def train_sentencepiece(texts_iters: list[Iterable[str]], out_prefix: str | os.PathLike,
-                        vocab_size: int, seed: int = 0, sample_bytes: int = 5_000_000) -> str:
+                        vocab_size: int, seed: int = 0, sample_bytes: int = 5_000_000,
+                        special_tokens: Sequence[str] = ()) -> str:
     """Sample text evenly from one iterator per source, train BPE; returns the .model path."""
     sample = f"{out_prefix}.sample.txt"
     try:
         write_sample(texts_iters, sample, sample_bytes)
-        return train_from_sample(sample, out_prefix, vocab_size, seed)
+        return train_from_sample(sample, out_prefix, vocab_size, seed, special_tokens)
     finally:
         Path(sample).unlink(missing_ok=True)
 
@@ -144,15 +147,60 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
+_HF_TOKENIZERS: dict[tuple, object] = {}
+
+
+def is_hf_tokenizer(model_path: str) -> bool:
+    """An imported model's tokenizer.json (the `import` stage's manifest names it as model_file)."""
+    return str(model_path).endswith(".json")
+
+
+def load_hf_tokenizer(path: str):
+    """A `tokenizers.Tokenizer` from a tokenizer.json, cached per process like load_processor."""
+    from tokenizers import Tokenizer
+
+    st = os.stat(path)
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    tok = _HF_TOKENIZERS.get(key)
+    if tok is None:
+        tok = _HF_TOKENIZERS[key] = Tokenizer.from_file(str(path))
+        tok.no_truncation()
+        tok.no_padding()
+    return tok
+
+
+def _hf_eod(path: str) -> int:
+    """A tokenizer.json does not say which token ends a document: the import stage writes it
+    beside it, in eod.json."""
+    import json
+
+    return json.loads((Path(path).parent / "eod.json").read_text())["eod_id"]
+
+
+def vocab_size_of(model_path: str) -> int:
+    """Token ids of a tokenizer range over [0, this): sentencepiece pieces or HF entries."""
+    if is_hf_tokenizer(model_path):
+        return load_hf_tokenizer(model_path).get_vocab_size(with_added_tokens=True)
+    return load_processor(model_path).get_piece_size()
+
+
 def encode_batch(model_path: str, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Documents -> (all tokens, EOD after each, as one array; per-document lengths incl. EOD)."""
-    sp = load_processor(model_path)
-    ids = sp.encode(docs, num_threads=1)  # one task per core already: no threads inside a task
-    eod = sp.eos_id()
+    """Documents -> (all tokens, EOD after each, as one array; per-document lengths incl. EOD).
+
+    `model_path`: a sentencepiece .model, or an imported model's tokenizer.json (encoded without
+    its special-token template: no BOS, like sentencepiece here)."""
+    if is_hf_tokenizer(model_path):
+        tok = load_hf_tokenizer(model_path)
+        ids = [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]
+        eod = _hf_eod(model_path)
+    else:
+        sp = load_processor(model_path)
+        ids = sp.encode(docs, num_threads=1)  # one task per core already: no threads inside a task
+        eod = sp.eos_id()
     for doc in ids:
         doc.append(eod)
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), token_dtype(sp.get_piece_size()),
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), token_dtype(vocab_size_of(model_path)),
                          count=int(lengths.sum()))
     return tokens, lengths
 
@@ -201,7 +249,7 @@ def tokenize_source_to_indexed(documents: Iterable[str], tokenizer_model_path: s
 
     init_ray()
     model_path = str(Path(tokenizer_model_path).resolve())
-    dtype = token_dtype(load_processor(model_path).get_piece_size())
+    dtype = token_dtype(vocab_size_of(model_path))
     out_prefix, tmp = str(out_prefix), f"{out_prefix}.partial"
     # Ray runs tasks off the main thread; glibc then gives each thread its own malloc arena and
     # the freed token lists fragment them: measured 2x the worker memory without this cap

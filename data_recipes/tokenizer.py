@@ -2,7 +2,8 @@
 
 Every stage that turns text into tokens (SFT data, generation, eval) goes through `load_tokenizer`,
 so a tokenizer trained by our `tokenizer` stage (sentencepiece) and one that came with an imported
-model behave alike. The manifest says which it is (`"format"`; sentencepiece when absent).
+model (`hf`: its tokenizer.json, written by the `import` stage) behave alike. The manifest says
+which it is (`"format"`; sentencepiece when absent).
 """
 
 from __future__ import annotations
@@ -47,12 +48,40 @@ class SentencePieceTokenizer:
         return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
 
 
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (an imported model's), through the `tokenizers` library.
+
+    Text is encoded without the tokenizer's own special-token template (no BOS added), like
+    our sentencepiece tokenizer: the stages add EOD and chat markers themselves. `vocab_size`
+    is the model's embedding rows (the manifest's), which may exceed the tokenizer's entries.
+    """
+
+    def __init__(self, tokenizer_file: str, vocab_size: int, eod_id: int, pad_id: int):
+        from data_recipes.tokenize import load_hf_tokenizer
+
+        self.model_file = tokenizer_file
+        self.tok = load_hf_tokenizer(tokenizer_file)
+        self.vocab_size, self.eod_id, self.pad_id = vocab_size, eod_id, pad_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+
 def load_tokenizer(manifest: dict[str, Any]) -> Tokenizer:
     """The tokenizer a tokenizer-producing stage's manifest describes."""
     fmt = manifest.get("format", "sentencepiece")
     if fmt == "sentencepiece":
         return SentencePieceTokenizer(manifest["model_file"])
-    raise ValueError(f"tokenizer format {fmt!r} is not supported (one of: sentencepiece)")
+    if fmt == "hf":
+        return HFTokenizer(manifest["model_file"], manifest["vocab_size"], manifest["eod_id"],
+                           manifest["pad_id"])
+    raise ValueError(f"tokenizer format {fmt!r} is not supported (one of: sentencepiece, hf)")
 
 
 def tokenizer_of_stage(stage_dir: str | Path) -> Tokenizer:

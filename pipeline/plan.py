@@ -28,7 +28,13 @@ def render_plan(recipe: Recipe, graph: dict[str, StageNode]) -> str:
 def _pretrain(recipe: Recipe, graph: dict[str, StageNode], node: StageNode) -> list[str]:
     cfg: PretrainConfig = node.config
     model = ModelConfig(**node.model)
-    vocab = graph[cfg.tokenizer].config.vocab_size
+    tok = graph[cfg.tokenizer].config
+    if tok.kind == "import":  # an imported model's vocabulary is its config.json's
+        from stages.hf_mapping import read_hf_config
+
+        vocab = read_hf_config(tok.path)[1]
+    else:
+        vocab = tok.vocab_size
     params = num_params(model, vocab)
     schedule = pretrain_schedule(cfg, model)
     out = [f"model: {_human(params)} parameters ({model.num_layers} layers, hidden "

@@ -6,6 +6,8 @@ RecipeError, so a user fixes a recipe in one round.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf.errors import OmegaConfBaseException
 
 from data_recipes.sources import missing_paths
@@ -13,10 +15,14 @@ from pipeline.graph import stage_launcher, stage_model, stage_refs, topo_order
 from pipeline.recipe import Recipe, RecipeError
 from schedulers.fg_wsd import check as check_schedule
 from schedulers.mixture import check_weights
-from stages.config import PretrainConfig, phase_specs, pretrain_schedule
+from stages.config import ImportConfig, PretrainConfig, phase_specs, pretrain_schedule
 
-# Which kind each reference field must point at (kinds not listed may point anywhere).
-REF_KINDS = {"tokenizer": ("tokenizer",), "data": ("prepare",)}
+# Which kind each reference field must point at: by (stage kind, field) first, then by field
+# (fields not listed may point anywhere).
+CHECKPOINT_KINDS = ("pretrain", "sft", "import")
+REF_KINDS = {"tokenizer": ("tokenizer", "import"), "data": ("prepare",),
+             "init": CHECKPOINT_KINDS, "engine": CHECKPOINT_KINDS,
+             ("sft", "data"): ("sft_data",)}
 
 
 def validate(recipe: Recipe) -> None:
@@ -45,9 +51,10 @@ def _check_stage(recipe: Recipe, name: str, cfg) -> list[tuple[str, str]]:
     for key, dep in stage_refs(cfg).items():
         if dep not in recipe.stages:
             problems.append((f"{path}.{key}", f"{dep!r} is not a stage of this recipe ({known})"))
-        elif key in REF_KINDS and recipe.stages[dep].kind not in REF_KINDS[key]:
+        elif recipe.stages[dep].kind not in (allowed := REF_KINDS.get((cfg.kind, key))
+                                             or REF_KINDS.get(key) or (recipe.stages[dep].kind,)):
             problems.append((f"{path}.{key}", f"{dep!r} is a {recipe.stages[dep].kind} stage; "
-                                              f"expected a {' or '.join(REF_KINDS[key])} stage"))
+                                              f"expected a {' or '.join(allowed)} stage"))
         elif dep == name:
             problems.append((f"{path}.{key}", "a stage cannot depend on itself"))
     for i, dep in enumerate(cfg.after):
@@ -63,11 +70,50 @@ def _check_stage(recipe: Recipe, name: str, cfg) -> list[tuple[str, str]]:
         except OmegaConfBaseException as e:
             sub = getattr(e, "full_key", "")
             problems.append((f"{path}.{key}" + (f".{sub}" if sub else ""), str(e).splitlines()[0]))
+        except ValueError as e:  # the dataclass's own __post_init__ check, worded "key: problem"
+            sub, _, msg = str(e).partition(": ")
+            problems.append((f"{path}.{key}.{sub}", msg) if msg else (f"{path}.{key}", str(e)))
     if problems:
         return problems
+    if isinstance(cfg, ImportConfig):
+        problems += _check_import(path, cfg)
+    problems += _check_imported_model(recipe, path, cfg)
     if isinstance(cfg, PretrainConfig):
         problems += _check_pretrain(recipe, path, cfg)
     return problems
+
+
+def _check_import(path: str, cfg: ImportConfig) -> list[tuple[str, str]]:
+    """The HF directory exists and holds a model we convert exactly (read: config.json only)."""
+    from stages.hf_mapping import UnsupportedModel, read_hf_config
+
+    config = Path(cfg.path) / "config.json"
+    if not config.is_file():
+        return [(f"{path}.path", f"{config} does not exist (a Hugging Face model directory)")]
+    try:
+        read_hf_config(cfg.path)
+    except (UnsupportedModel, KeyError, ValueError) as e:
+        return [(f"{path}.path", f"{config}: {e}")]
+    return []
+
+
+def _check_imported_model(recipe: Recipe, path: str, cfg) -> list[tuple[str, str]]:
+    """A stage that starts from an import stage's weights must describe the same architecture."""
+    from stages.hf_mapping import architecture_mismatch, read_hf_config
+
+    dep = getattr(cfg, "init", None)
+    model = stage_model(recipe, cfg)
+    upstream = recipe.stages.get(dep) if dep else None
+    if model is None or not isinstance(upstream, ImportConfig):
+        return []
+    config = Path(upstream.path) / "config.json"
+    try:
+        imported, _ = read_hf_config(upstream.path)
+    except Exception:  # noqa: BLE001 - reported on the import stage itself
+        return []
+    key = f"{path}.model" if cfg.model else "model"
+    return [(key, f"does not match the {dep!r} checkpoint ({config}): {diff}")
+            for diff in architecture_mismatch(model, imported)]
 
 
 def _check_pretrain(recipe: Recipe, path: str, cfg: PretrainConfig) -> list[tuple[str, str]]:

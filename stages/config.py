@@ -10,8 +10,11 @@ what it produces, so they stay out of the stage's content hash.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
+
+from data_recipes.chat import SPECIAL_TOKENS as CHAT_SPECIAL_TOKENS
 
 MISSING: Any = "???"  # OmegaConf's marker for a value the recipe must give
 
@@ -65,6 +68,20 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    head_dim: Optional[int] = None
+    """Per-head size (megatron's kv_channels); None = hidden_size / num_attention_heads. Qwen3
+    sets it apart (Qwen3-4B: hidden 2560, 32 heads, head_dim 128)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3)."""
+    rope_scaling: Optional[str] = None
+    """None | llama3 (Llama 3.x frequency scaling) | linear (position interpolation)."""
+    rope_scaling_factor: float = 1.0
+    """The factor of `rope_scaling` (ignored when it is None)."""
+
+    def __post_init__(self):
+        if self.rope_scaling not in (None, "llama3", "linear"):
+            raise ValueError(f"rope_scaling: {self.rope_scaling!r} is not supported; one of "
+                             "null, llama3, linear")
 
 
 @dataclass
@@ -77,18 +94,75 @@ class ParallelConfig:
 
 @dataclass
 class LaunchConfig:
-    """How a stage job is started. Global in the recipe, overridable per stage."""
+    """How a stage job is started. Global in the recipe, overridable per stage.
+
+    The fields after `gpus_per_node` are read by the Slurm launcher only (launch/slurm.py)."""
 
     kind: str = "local"
-    """local (torchrun subprocess on this machine) | slurm (the Slurm launcher: not built yet)."""
+    """local (torchrun subprocess on this machine) | slurm (an sbatch job per stage)."""
     nproc_per_node: int = 1
     nodes: int = 1
     gpus_per_node: int = 0
     """0 on CPU; used by `pipeline plan` for the GPU-hours estimate."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    cpus_per_node: Optional[int] = None
+    """CPUs for torchrun and its workers on each node (sbatch --cpus-per-task; one task a node)."""
+    mem: Optional[str] = None
+    """Memory per node, sbatch --mem syntax: 512G, 64000M, 0 (all of it)."""
+    time: Optional[str] = None
+    """Time limit, sbatch --time syntax: minutes, HH:MM:SS, D-HH:MM:SS. A job stopped by it
+    resumes from its checkpoint on its next start."""
+    signal_grace_s: int = 300
+    """Seconds before the time limit that the job is told (SIGUSR1) to checkpoint and requeue
+    itself; 0: no warning (a timed-out job is then resubmitted by the driver)."""
+    max_resubmits: int = 10
+    """How often the driver resubmits a job that ended TIMEOUT / PREEMPTED / NODE_FAIL (Slurm's own
+    requeues do not count); then the stage fails."""
+    extra_sbatch: list[str] = field(default_factory=list)
+    """More sbatch options, one per item: ["--exclusive", "--reservation=big"]."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before the job: module loads, venv activation, exports."""
+    srun_args: list[str] = field(default_factory=list)
+    """More srun options, e.g. a pyxis container: ["--container-image=nvcr.io#nvidia/pytorch:25.01-py3"]."""
+    wrapper: str = ""
+    """A prefix of the command each node runs, e.g. `apptainer exec --nv train.sif`."""
+    python: Optional[str] = None
+    """The interpreter on the compute nodes; default: the driver's (sys.executable)."""
+    rdzv_port: int = 29500
+    """torchrun's c10d rendezvous port on the job's first node."""
+    ray_cluster: bool = False
+    """Start a Ray cluster over the job's nodes for the stage to use (launch/ray_on_slurm.py)."""
+    ray_port: int = 6379
+    """The port of that Ray cluster's head (GCS) on the job's first node."""
+    poll_s: float = 10.0
+    """Seconds between the driver's squeue/scontrol polls of a job."""
 
     def __post_init__(self):
         if self.kind not in ("local", "slurm"):
             raise ValueError(f"kind: {self.kind!r} is not a launcher; one of local, slurm")
+        for key in ("nodes", "nproc_per_node", "cpus_per_node"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        for key in ("gpus_per_node", "signal_grace_s", "max_resubmits"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be 0 or more, got {getattr(self, key)}")
+        if self.poll_s <= 0:
+            raise ValueError(f"poll_s: must be positive, got {self.poll_s}")
+        if self.time is not None and not re.fullmatch(
+                r"(\d+-)?\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE", str(self.time)):
+            raise ValueError(f"time: {self.time!r} is not a Slurm time limit "
+                             "(minutes, HH:MM:SS or D-HH:MM:SS)")
+        if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", str(self.mem)):
+            raise ValueError(f"mem: {self.mem!r} is not a Slurm memory size (e.g. 512G, 64000M, 0)")
+        bad = [o for o in self.extra_sbatch if not o.startswith("-")]
+        if bad:
+            raise ValueError(f"extra_sbatch: {bad[0]!r} is not an sbatch option (--name=value)")
+        bad = [o for o in self.srun_args if not o.startswith("-")]
+        if bad:
+            raise ValueError(f"srun_args: {bad[0]!r} is not an srun option (--name=value)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,6 +182,8 @@ class TokenizerConfig:
     """At most this many bytes of text are sampled (evenly over the sources) for training."""
     model_file: Optional[str] = None
     """An existing sentencepiece .model to adopt instead of training one."""
+    special_tokens: list[str] = field(default_factory=lambda: list(CHAT_SPECIAL_TOKENS))
+    """Pieces that are always one token (the chat markers of data_recipes.chat by default)."""
     seed: int = 0
     launcher: Optional[dict[str, Any]] = unhashed()
     """Overrides of the recipe's `launcher` for this stage."""
@@ -211,11 +287,244 @@ class NoopConfig:
     launcher: Optional[dict[str, Any]] = unhashed()
 
 
+@dataclass
+class PromptsConfig:
+    """A set of prompts: generated arithmetic questions (split train / heldout) or a jsonl file."""
+
+    kind: str = "arithmetic"
+    """arithmetic | jsonl"""
+    num: int = 256
+    """At most this many prompts."""
+    split: str = "train"
+    """arithmetic: train | heldout; the two are disjoint (by a hash of the question)."""
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    max_digits: int = 2
+    path: Optional[str] = None
+    """jsonl: the file; each line an object with the prompt under `field`."""
+    field: str = "prompt"
+
+    def __post_init__(self):
+        if self.kind not in ("arithmetic", "jsonl"):
+            raise ValueError(f"kind: {self.kind!r} is not a prompt set kind; one of arithmetic, jsonl")
+        if self.split not in ("train", "heldout"):
+            raise ValueError(f"split: {self.split!r}; one of train, heldout")
+        if self.kind == "jsonl" and not self.path:
+            raise ValueError("path: a jsonl prompt set needs a path")
+
+
+@dataclass
+class GeneratorConfig:
+    """A text generator backend for one role (draft, evaluate, revise, CoT) of `sft_data`."""
+
+    kind: str = "oracle"
+    """engine (the checkpoint of the stage's `engine` ref) | http (an OpenAI-compatible
+    chat-completions endpoint) | oracle (a programmatic solver/checker for a verifiable task)."""
+    task: str = "arithmetic"
+    """oracle: the task it solves and checks."""
+    error_rate: float = 0.0
+    """oracle: the share of its answers it gets wrong on purpose (a stand-in for a fallible teacher)."""
+    url: str = ""
+    """http: base URL, e.g. http://127.0.0.1:8000/v1"""
+    model: str = ""
+    """http: the served model name."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """http: the environment variable holding the API key (sent only when set)."""
+    concurrency: int = unhashed(8)
+    timeout_s: float = unhashed(60.0)
+    max_retries: int = unhashed(4)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+    batch_size: int = unhashed(16)
+    """engine: prompts per generate() call."""
+    prompt_format: str = "chat"
+    """engine: chat (our chat template) | completion (`completion_template`, for base models)."""
+    completion_template: str = "{prompt}"
+    stop: list[str] = field(default_factory=list)
+    """Text that ends a generation (cut there), besides the end-of-turn / end-of-document tokens."""
+
+    def __post_init__(self):
+        if self.kind not in ("engine", "http", "oracle"):
+            raise ValueError(f"kind: {self.kind!r} is not a generator backend; one of engine, http, "
+                             "oracle")
+        if self.kind == "http" and not self.url:
+            raise ValueError("url: the http backend needs the endpoint's base URL")
+        if self.prompt_format not in ("chat", "completion"):
+            raise ValueError(f"prompt_format: {self.prompt_format!r}; one of chat, completion")
+
+
+@dataclass
+class SFTDataConfig:
+    """Deliberative generation refinement + chain-of-thought reconstruction -> SFT samples."""
+
+    kind: str = "sft_data"
+    after: list[str] = field(default_factory=list)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    engine: Optional[str] = ref(None)
+    """The stage whose latest checkpoint backs every `kind: engine` role."""
+    tokenizer: Optional[str] = ref(None)
+    """The tokenizer of the `engine` checkpoint."""
+    drafter: GeneratorConfig = field(default_factory=GeneratorConfig)
+    evaluators: list[GeneratorConfig] = field(default_factory=lambda: [GeneratorConfig()])
+    """Each scores every checklist item; an item passes only if every evaluator passes it."""
+    reviser: GeneratorConfig = field(default_factory=GeneratorConfig)
+    cot: GeneratorConfig = field(default_factory=GeneratorConfig)
+    max_rounds: int = 3
+    """Evaluation rounds per sample (a revision between two rounds); then it is rejected."""
+    accept_min_pass: float = 1.0
+    """The share of checklist items that must pass for a sample to be accepted."""
+    system_prompt: str = ""
+    """A system turn for every SFT sample (none when empty)."""
+    shard_size: int = unhashed(64)
+    """Samples per unit of work (one Ray task when workers > 1); finished samples are saved as
+    they finish, so a restart redoes only unfinished ones."""
+    workers: int = unhashed(1)
+    """Ray tasks working on shards at once (engine backends need 1: the model lives in the job)."""
+    launcher: Optional[dict[str, Any]] = unhashed()
+
+    def __post_init__(self):
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds: {self.max_rounds}, must be >= 1")
+        if not 0 < self.accept_min_pass <= 1:
+            raise ValueError(f"accept_min_pass: {self.accept_min_pass}, must be in (0, 1]")
+        if not self.evaluators:
+            raise ValueError("evaluators: name at least one evaluator")
+
+
+@dataclass
+class SFTLRConfig:
+    max: float = 1e-3
+    min: float = 1e-5
+    warmup_steps: int = 0
+    decay_style: str = "cosine"
+    """linear | cosine | exponential | minus_sqrt over the steps after warmup."""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on chat samples: loss on assistant tokens, packed sequences, epochs."""
+
+    kind: str = "sft"
+    after: list[str] = field(default_factory=list)
+    tokenizer: str = ref()
+    data: str = ref()
+    """The sft_data stage whose samples are trained on."""
+    init: Optional[str] = ref(None)
+    """The stage whose latest checkpoint is the starting point (its architecture is used)."""
+    model: Optional[dict[str, Any]] = None
+    """Overrides of the model (e.g. a longer seq_length than pretraining)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    epochs: int = 2
+    global_batch_size: int = 8
+    """Packed sequences per optimizer step."""
+    micro_batch_size: int = 4
+    packing: bool = True
+    """Several samples per sequence, attention blocked between them; off: one sample per sequence."""
+    lr: SFTLRConfig = field(default_factory=SFTLRConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    heldout_samples: int = 16
+    """Samples kept out of training; their loss is measured after every epoch."""
+    seed: int = 1234
+    checkpoint_every: int = unhashed(50)
+    keep_checkpoints: int = unhashed(2)
+    log_every: int = unhashed(5)
+    launcher: Optional[dict[str, Any]] = unhashed()
+
+
+@dataclass
+class EvalConfig:
+    """Verifiable benchmark on a checkpoint: exact match (greedy) and pass@k (sampled)."""
+
+    kind: str = "eval"
+    after: list[str] = field(default_factory=list)
+    tokenizer: str = ref()
+    init: str = ref()
+    """The stage whose latest checkpoint is evaluated."""
+    model: Optional[dict[str, Any]] = None
+    prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(split="heldout", num=64))
+    prompt_format: str = "chat"
+    """chat (our chat template) | completion (`completion_template`, for a base model)."""
+    completion_template: str = "Question: {prompt}\n"
+    stop: list[str] = field(default_factory=list)
+    """Text that ends a generation (cut there), besides the end-of-turn / end-of-document tokens."""
+    max_new_tokens: int = 96
+    samples: int = 4
+    """Sampled answers per prompt for pass@k (0: greedy only)."""
+    k: list[int] = field(default_factory=lambda: [1, 4])
+    temperature: float = 0.7
+    top_p: float = 0.95
+    batch_size: int = unhashed(32)
+    seed: int = 0
+    launcher: Optional[dict[str, Any]] = unhashed()
+
+    def __post_init__(self):
+        if self.prompt_format not in ("chat", "completion"):
+            raise ValueError(f"prompt_format: {self.prompt_format!r}; one of chat, completion")
+        bad = [k for k in self.k if not 1 <= k <= max(self.samples, 1)]
+        if self.samples and bad:
+            raise ValueError(f"k: {bad} must be between 1 and samples ({self.samples})")
+
+
+@dataclass
+class ImportConfig:
+    """A Hugging Face Llama/Qwen3 model directory as a pipeline checkpoint plus its tokenizer.
+
+    Later stages use it as `init:` (weights) and `tokenizer:`. Their recipe `model:` must describe
+    the same architecture: validation reads config.json and names every field that differs."""
+
+    kind: str = "import"
+    after: list[str] = field(default_factory=list)
+    path: str = MISSING
+    """The HF model directory: config.json, *.safetensors (one file or an index), tokenizer.json.
+    Its contents are not hashed: put a version in the path (or `revision`) to rerun on a change."""
+    revision: str = ""
+    """Free text that is part of the stage hash (e.g. the hub commit the directory came from)."""
+    eod_token: Optional[str] = None
+    """The token that ends each document in `prepare` shards; default: the model's eos_token_id
+    (a chat model's eos may be its end-of-turn token, e.g. Qwen3's <|im_end|>)."""
+    launcher: Optional[dict[str, Any]] = unhashed()
+
+    def __post_init__(self):
+        if self.path != MISSING:  # like source paths: relative to where the recipe is loaded
+            import os
+
+            self.path = os.path.abspath(os.path.expanduser(self.path))
+
+
+@dataclass
+class ExportConfig:
+    """A stage's latest checkpoint as a Hugging Face directory (safetensors, config.json,
+    generation_config.json, tokenizer files with our chat template) for transformers, no custom code."""
+
+    kind: str = "export"
+    after: list[str] = field(default_factory=list)
+    init: str = ref()
+    """The stage whose latest checkpoint is exported (pretrain, sft, import, ...)."""
+    tokenizer: str = ref()
+    """A tokenizer stage (its sentencepiece model is converted) or an import stage (copied)."""
+    model: Optional[dict[str, Any]] = None
+    """Overrides of the recipe's `model` for this stage (must match the checkpoint)."""
+    dtype: str = "bfloat16"
+    """bfloat16 | float16 | float32: the safetensors dtype (conversion itself runs in fp32)."""
+    launcher: Optional[dict[str, Any]] = unhashed()
+
+    def __post_init__(self):
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype: {self.dtype!r}; one of bfloat16, float16, float32")
+
+
 STAGE_KINDS: dict[str, type] = {
     "noop": NoopConfig,
     "tokenizer": TokenizerConfig,
     "prepare": PrepareConfig,
     "pretrain": PretrainConfig,
+    "sft_data": SFTDataConfig,
+    "sft": SFTConfig,
+    "eval": EvalConfig,
+    "import": ImportConfig,
+    "export": ExportConfig,
 }
 
 _MODULE_OF_KIND = {"import": "hf_import", "export": "hf_export"}  # `import` is a Python keyword
@@ -224,6 +533,15 @@ _MODULE_OF_KIND = {"import": "hf_import", "export": "hf_export"}  # `import` is 
 def stage_module(kind: str) -> str:
     """The module a launcher runs for a stage kind (`python -m <module> --spec ...`)."""
     return f"stages.{_MODULE_OF_KIND.get(kind, kind)}"
+
+
+def checkpoint_model(spec_model: dict[str, Any], upstream_manifest: dict[str, Any],
+                     overrides: Optional[dict[str, Any]]) -> ModelConfig:
+    """The architecture of a stage that starts from another stage's checkpoint: the one recorded
+    in that stage's manifest (e.g. pretraining's last seq length and RoPE base), with this stage's
+    own `model:` overrides on top; the recipe's model when the upstream records none."""
+    base = upstream_manifest.get("model") or spec_model
+    return from_dict(ModelConfig, {**base, **(overrides or {})})
 
 
 def phase_specs(cfg: PretrainConfig, model: ModelConfig) -> list:
@@ -254,10 +572,14 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig) -> int:
 def num_params(model: ModelConfig, vocab_size: int) -> int:
     """Parameters of the Llama-style GPTModel that stages.model builds (analytic, torch-free)."""
     h, layers = model.hidden_size, model.num_layers
-    kv = model.num_query_groups * (h // model.num_attention_heads)
-    attention = h * (h + 2 * kv) + h * h  # fused QKV (GQA) + output projection, no biases
+    head_dim = model.head_dim or h // model.num_attention_heads
+    q = model.num_attention_heads * head_dim
+    kv = model.num_query_groups * head_dim
+    attention = h * (q + 2 * kv) + q * h  # fused QKV (GQA) + output projection, no biases
     mlp = h * 2 * model.ffn_hidden_size + model.ffn_hidden_size * h  # SwiGLU: gate+up, down
     per_layer = attention + mlp + 2 * h  # + two RMSNorm weights
+    if model.qk_layernorm:
+        per_layer += 2 * head_dim  # one RMSNorm weight shared by all query heads, one for keys
     vocab = padded_vocab_size(vocab_size, model)
     embeddings = vocab * h * (1 if model.tie_embeddings else 2)
     return layers * per_layer + h + embeddings  # + final norm

@@ -25,6 +25,8 @@ def build_transformer_config(model_cfg: ModelConfig):
         ffn_hidden_size=model_cfg.ffn_hidden_size,
         num_attention_heads=model_cfg.num_attention_heads,
         num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.head_dim,  # None: hidden_size / num_attention_heads
+        qk_layernorm=model_cfg.qk_layernorm,
         normalization="RMSNorm",
         layernorm_epsilon=model_cfg.norm_epsilon,
         gated_linear_unit=True,  # SwiGLU = gated linear unit with silu
@@ -42,12 +44,13 @@ def build_transformer_config(model_cfg: ModelConfig):
     )
 
 
-def build_layer_spec():
+def build_layer_spec(qk_layernorm: bool = False):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if importlib.util.find_spec("transformer_engine") is not None:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm,
+                                                    normalization="RMSNorm")
 
 
 def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int):
@@ -66,7 +69,7 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int):
                          f" must be a multiple of parallel.tensor ({tp})")
     model = GPTModel(
         config=build_transformer_config(model_cfg),
-        transformer_layer_spec=build_layer_spec(),
+        transformer_layer_spec=build_layer_spec(model_cfg.qk_layernorm),
         vocab_size=vocab,
         max_sequence_length=max_seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -74,7 +77,16 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int):
         share_embeddings_and_output_weights=model_cfg.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=model_cfg.rotary_base,
+        # megatron's llama3 scaling fixes low/high_freq_factor 1/4 and original context 8192
+        # (stages.hf_mapping rejects other values); linear scaling = position interpolation
+        rope_scaling=model_cfg.rope_scaling == "llama3",
+        rope_scaling_factor=model_cfg.rope_scaling_factor,
+        seq_len_interpolation_factor=(model_cfg.rope_scaling_factor
+                                      if model_cfg.rope_scaling == "linear" else None),
     )
+    # set_rotary_base recomputes inv_freq and must apply the same llama3 scaling again
+    model.llama3_rope_factor = (model_cfg.rope_scaling_factor
+                                if model_cfg.rope_scaling == "llama3" else None)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
@@ -96,6 +108,9 @@ def set_rotary_base(model, base: float) -> None:
     dim = 2 * inv_freq.numel()
     rope.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32,
                                                  device=inv_freq.device) / dim))
+    factor = getattr(unwrap(model), "llama3_rope_factor", None)
+    if factor is not None:
+        rope.inv_freq = rope._apply_scaling(rope.inv_freq, factor=factor)
     # RotaryEmbedding.forward is lru_cached per (module, seq_len): stale tables would keep the old base
     RotaryEmbedding.forward.cache_clear()
     unwrap(model).rotary_pos_emb_cache.clear()
