@@ -1,8 +1,17 @@
 """The `pipeline` command.
 
     pipeline run    RECIPE [key=value ...] [--ray-address ADDR]   run what is not done yet
+                    [--dry-run] [--cancel-on-interrupt]
     pipeline plan   RECIPE [key=value ...]                        DAG, budgets, cost; runs nothing
     pipeline status RECIPE [key=value ...]                        each stage's state and run id
+    pipeline submit RECIPE [key=value ...] [--time T] [--partition P] [--cpus N] [--mem M]
+                                                      `pipeline run` as a small Slurm CPU job
+    pipeline export RECIPE STAGE [key=value ...] [--out DIR] [--dtype D]   a finished stage as
+                                                                  a Hugging Face model directory
+
+`--dry-run` prints how every stage would start (Slurm stages: the sbatch script, also written to
+the stage's output dir) and submits nothing. On Ctrl-C, Slurm stage jobs keep running (a rerun
+re-attaches to them) unless `--cancel-on-interrupt` is given.
 
 Overrides are OmegaConf dotlists: `stages.pretrain.phases.2.tokens=65536`.
 Exit codes: 0 ok, 1 a stage failed, 2 bad recipe, 3 workdir in use, 130 interrupted.
@@ -23,12 +32,28 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "run every stage that is not complete"),
                         ("plan", "print the DAG, token budgets, steps and a GPU-hours estimate"),
-                        ("status", "print each stage's state, output dir and MLflow run id")):
+                        ("status", "print each stage's state, output dir and MLflow run id"),
+                        ("submit", "sbatch the driver (`pipeline run`) as a small CPU job")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
         if name == "run":
             p.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+            p.add_argument("--dry-run", action="store_true",
+                           help="print each stage's launch (sbatch script or command); run nothing")
+            p.add_argument("--cancel-on-interrupt", action="store_true",
+                           help="on Ctrl-C, scancel running Slurm stage jobs (default: leave them)")
+        if name == "submit":
+            p.add_argument("--time", help="the driver job's time limit (it requeues itself at it)")
+            p.add_argument("--partition", help="default: the recipe's launcher.partition")
+            p.add_argument("--cpus", type=int, default=2, help="CPUs of the driver job (2)")
+            p.add_argument("--mem", default="4G", help="memory of the driver job (4G)")
+    p = sub.add_parser("export", help="write a finished stage's checkpoint as a Hugging Face dir")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("stage", help="the stage whose latest checkpoint is exported")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
+    p.add_argument("--out", help="output dir (default: <workdir>/exports/<stage dir name>)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args(argv)
 
     try:
@@ -45,9 +70,21 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.plan import render_plan
 
         print(render_plan(recipe, graph))
+        _print_slurm_scripts(graph)
         return 0
     if args.command == "status":
         return _status(graph)
+    if args.command == "submit":
+        return _submit(recipe, args)
+    if args.command == "export":
+        from pipeline.export import export_stage
+
+        try:
+            return export_stage(graph, args.stage, args.out, args.dtype)
+        except RecipeError as e:
+            print("\n".join(f"error: {k}: {m}" if k else f"error: {m}" for k, m in e.problems),
+                  file=sys.stderr)
+            return EXIT_BAD_RECIPE
     return _run(recipe, graph, args)
 
 
@@ -58,18 +95,48 @@ def _run(recipe, graph, args) -> int:
     from pipeline.state import LockedError
     from pipeline.tracking import Tracker
 
-    slurm = [name for name, node in graph.items() if node.launcher.kind == "slurm"]
-    if slurm:  # planned (issue: Slurm launcher); refuse before anything starts rather than half-run
-        print(f"error: stages {', '.join(slurm)} use launcher.kind=slurm, which this version cannot "
-              "launch yet; use `pipeline plan`, or set launcher.kind=local", file=sys.stderr)
-        return EXIT_BAD_RECIPE
     print(f"pipeline {recipe.name!r}: {len(graph)} stages, workdir {recipe.workdir}", flush=True)
+    if args.dry_run:
+        from pipeline.runner import dry_run
+
+        return dry_run(graph)
     try:
         return run_graph(graph, lambda: Tracker(recipe), ray_address=args.ray_address,
-                         workdir=Path(recipe.workdir))
+                         workdir=Path(recipe.workdir),
+                         cancel_on_interrupt=args.cancel_on_interrupt)
     except LockedError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BUSY
+
+
+def _submit(recipe, args) -> int:
+    from pathlib import Path
+
+    from launch import slurm
+
+    workdir = Path(recipe.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    script = workdir / "driver.sbatch.sh"
+    script.write_text(slurm.render_driver_script(
+        [str(Path(args.recipe).resolve()), *args.overrides], workdir, recipe.launcher,
+        cpus=args.cpus, mem=args.mem, time_limit=args.time, partition=args.partition))
+    try:
+        job_id = slurm.submit_script(script)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"submitted the driver as slurm job {job_id}; log {workdir / 'driver.log'}; "
+          f"`pipeline status {args.recipe}` shows the stages")
+    return 0
+
+
+def _print_slurm_scripts(graph) -> None:
+    from pipeline.runner import launch_text
+
+    for name, node in graph.items():
+        if node.launcher.kind == "slurm":
+            print(f"== {name}: sbatch script ({node.output_dir}/sbatch.sh when run)")
+            print(launch_text(node, graph))
 
 
 def _status(graph) -> int:

@@ -6,8 +6,12 @@ end, and independent branches run at the same time. A task whose upstream did no
 (they only wait on a subprocess), so the cluster's CPUs stay free for the jobs' own Ray tasks
 (e.g. tokenization in `prepare`, which joins this cluster through PIPELINE_RAY_ADDRESS).
 
-Ctrl-C: the driver asks every running job to checkpoint and stop (SIGTERM), waits for them, marks
-them interrupted and exits 130; a second Ctrl-C kills them. A rerun resumes them.
+Each stage's `launcher.kind` picks its launcher, `launch.local` or `launch.slurm`; both block in
+`run_job(spec, launcher, env) -> JobResult` until the job has really ended.
+
+Ctrl-C: the driver asks every running local job to checkpoint and stop (SIGTERM), waits for them,
+marks them interrupted and exits 130; a second Ctrl-C kills them. A rerun resumes them. Slurm jobs
+are left queued/running (a rerun re-attaches to them) unless `--cancel-on-interrupt` scancels them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from launch import local
+from launch import local, slurm
 from pipeline.graph import StageNode, make_spec
 from pipeline.state import WorkdirLock, set_status, stage_state
 from pipeline.tracking import Tracker
@@ -29,6 +33,7 @@ from stages.contract import LOG, StageSpec, save_spec
 EXIT_INTERRUPTED = 130
 EXIT_BUSY = 3  # the workdir (or a stage dir) is in use: same code as a held workdir lock
 STOP_GRACE_S = 600.0  # how long Ctrl-C waits for jobs to checkpoint before giving up
+LAUNCHERS = {"local": local, "slurm": slurm}
 
 
 def run_stage_task(spec: dict, launcher: dict, env: dict, driver_pid: int, *upstream: dict) -> dict:
@@ -40,24 +45,26 @@ def run_stage_task(spec: dict, launcher: dict, env: dict, driver_pid: int, *upst
         set_status(spec.out, "pending", error, driver_pid=driver_pid)
         return {"stage": spec.name, "status": "upstream_failed", "error": error, "log": ""}
     set_status(spec.out, "running", driver_pid=driver_pid)
-    result = local.run_job(spec, LaunchConfig(**launcher), env)
+    launcher = LaunchConfig(**launcher)
+    result = LAUNCHERS[launcher.kind].run_job(spec, launcher, env)
     set_status(spec.out, result.status, result.error, driver_pid=driver_pid, seconds=result.seconds)
     return {"stage": spec.name, **dataclasses.asdict(result)}
 
 
 def run_graph(graph: dict[str, StageNode], make_tracker, *, ray_address: str | None = None,
-              workdir: Path) -> int:
+              workdir: Path, cancel_on_interrupt: bool = False) -> int:
     """Run what is not done. Returns the exit code of `pipeline run`."""
     with WorkdirLock(workdir):
         states = {name: stage_state(node.output_dir).state for name, node in graph.items()}
         todo = [name for name in graph if states[name] != "done"]
         for name, node in graph.items():
-            print(f"  {name:<14} {node.kind:<10} {'skip (done)' if name not in todo else 'run':<12}"
-                  f" {node.output_dir}")
+            print(f"  {name:<14} {node.kind:<10} {_plan_word(node, name in todo):<12}"
+                  f" {node.output_dir}", flush=True)
         if not todo:
             print(f"all {len(graph)} stages are complete; nothing to run")
             return 0
-        orphans = {name: local.live_job(graph[name].output_dir) for name in todo}
+        orphans = {name: local.live_job(graph[name].output_dir) for name in todo
+                   if graph[name].launcher.kind == "local"}
         orphans = {name: pid for name, pid in orphans.items() if pid}
         if orphans:  # an earlier driver was killed but its jobs run on: never start a second copy
             for name, pid in orphans.items():
@@ -71,7 +78,7 @@ def run_graph(graph: dict[str, StageNode], make_tracker, *, ray_address: str | N
             env = _start_ray(ray_address)
             tracker, specs = opening.result()
         try:
-            results = _execute(graph, todo, specs, env, tracker)
+            results = _execute(graph, todo, specs, env, tracker, cancel_on_interrupt)
         finally:
             import ray
 
@@ -82,6 +89,38 @@ def run_graph(graph: dict[str, StageNode], make_tracker, *, ray_address: str | N
         if any(r["status"] == "interrupted" for r in results.values()):
             return EXIT_INTERRUPTED
         return 0 if ok else 1
+
+
+def _plan_word(node: StageNode, todo: bool) -> str:
+    """What this run does with a stage: skip it, run it, or watch its Slurm job from before."""
+    if not todo:
+        return "skip (done)"
+    job = slurm.live_job(node.output_dir) if node.launcher.kind == "slurm" else None
+    return f"re-attach to slurm job {job.job_id} ({job.state})" if job else "run"
+
+
+def launch_text(node: StageNode, graph: dict[str, StageNode]) -> str:
+    """What starts a stage's job: its sbatch script, or the local torchrun command."""
+    if node.launcher.kind == "slurm":
+        return slurm.render_script(node.output_dir, node.kind, node.launcher)
+    return "local: " + " ".join(local.command(make_spec(node, graph), node.launcher))
+
+
+def dry_run(graph: dict[str, StageNode]) -> int:
+    """`pipeline run --dry-run`: each stage to run and how it would start; Slurm stages' scripts
+    are written to their output dirs (nothing is submitted, no MLflow run is opened)."""
+    for name, node in graph.items():
+        state = stage_state(node.output_dir).state
+        print(f"== {name} [{node.kind}] {'skip (done)' if state == 'done' else 'run'}: "
+              f"{node.output_dir}")
+        if state == "done":
+            continue
+        if node.launcher.kind == "slurm":
+            node.output_dir.mkdir(parents=True, exist_ok=True)
+            path = slurm.write_script(node.output_dir, node.kind, node.launcher)
+            print(f"# {path}")
+        print(launch_text(node, graph))
+    return 0
 
 
 def _open_runs(make_tracker, graph: dict[str, StageNode], todo: list[str]):
@@ -95,6 +134,8 @@ def _open_runs(make_tracker, graph: dict[str, StageNode], todo: list[str]):
         run_id = tracker.stage_run(node)
         specs[name] = make_spec(node, graph, tracker.uri, run_id)
         save_spec(specs[name])
+        if node.launcher.kind == "slurm":  # written now so that it is logged with the spec
+            slurm.write_script(node.output_dir, node.kind, node.launcher)
         tracker.log_spec(run_id, node)
     return tracker, specs
 
@@ -111,7 +152,7 @@ def _start_ray(ray_address: str | None) -> dict[str, str]:
 
 
 def _execute(graph: dict[str, StageNode], todo: list[str], specs: dict[str, StageSpec],
-             env: dict[str, str], tracker: Tracker) -> dict[str, dict]:
+             env: dict[str, str], tracker: Tracker, cancel_on_interrupt: bool) -> dict[str, dict]:
     import ray
 
     task = ray.remote(num_cpus=0, max_retries=0)(run_stage_task)
@@ -136,7 +177,7 @@ def _execute(graph: dict[str, StageNode], todo: list[str], specs: dict[str, Stag
                 tracker.stage_ended(specs[result["stage"]].run_id, graph[result["stage"]],
                                     result["status"])
     except KeyboardInterrupt:
-        stopped = _interrupt(graph, [n for n in todo if n not in results])
+        stopped = _interrupt(graph, [n for n in todo if n not in results], cancel_on_interrupt)
         for name, result in stopped.items():
             results[name] = result
             tracker.stage_ended(specs[name].run_id, graph[name], result["status"])
@@ -146,7 +187,12 @@ def _execute(graph: dict[str, StageNode], todo: list[str], specs: dict[str, Stag
     return results
 
 
-def _interrupt(graph: dict[str, StageNode], running: list[str]) -> dict[str, dict]:
+def _interrupt(graph: dict[str, StageNode], running: list[str],
+               cancel_on_interrupt: bool) -> dict[str, dict]:
+    on_slurm = [n for n in running if graph[n].launcher.kind == "slurm"]
+    running = [n for n in running if n not in on_slurm]
+    results = {name: _interrupt_slurm(name, graph[name].output_dir, cancel_on_interrupt)
+               for name in on_slurm}
     print("\ninterrupted: asking running stage jobs to checkpoint and stop "
           "(Ctrl-C again to kill them)", flush=True)
     pids = {name: local.stop_job(graph[name].output_dir) for name in running}
@@ -160,7 +206,6 @@ def _interrupt(graph: dict[str, StageNode], running: list[str]) -> dict[str, dic
     import ray
 
     ray.shutdown()  # stop the stage tasks first, so the states below are the last word
-    results = {}
     for name in running:
         out = graph[name].output_dir
         if pids[name] is None:  # its job had not started yet
@@ -174,6 +219,22 @@ def _interrupt(graph: dict[str, StageNode], running: list[str]) -> dict[str, dic
         results[name] = {"stage": name, "status": "interrupted", "error": detail,
                          "log": str(out / LOG)}
     return results
+
+
+def _interrupt_slurm(name: str, out: Path, cancel: bool) -> dict:
+    """A Slurm job outlives its driver by default: a rerun re-attaches to it."""
+    job = slurm.live_job(out)
+    if job is None:
+        detail = "its slurm job was not running"
+    elif cancel:
+        slurm.cancel(out)  # SIGTERM: the job checkpoints, then ends CANCELLED
+        detail = f"cancelled slurm job {job.job_id}; rerun to resume"
+    else:
+        detail = (f"slurm job {job.job_id} left {job.state.lower()}; `pipeline run` again "
+                  f"re-attaches to it, `scancel {job.job_id}` stops it")
+    print(f"[{name}] {detail}", flush=True)
+    set_status(out, "interrupted", detail)
+    return {"stage": name, "status": "interrupted", "error": detail, "log": str(out / LOG)}
 
 
 def _report(result: dict) -> None:

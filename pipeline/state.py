@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launch import slurm
 from launch.local import live_job
 from stages.contract import LOG, MANIFEST, read_json, write_json_atomic
 
@@ -39,6 +40,10 @@ def stage_state(output_dir: Path) -> StageState:
     job = live_job(output_dir)
     if job:  # also a job whose driver was killed: it runs on, and will finish or fail by itself
         return StageState("running", f"job pid {job}", run_id)
+    if (output_dir / slurm.JOB_FILE).exists():
+        queued = slurm.live_job(output_dir)
+        if queued:  # queued, running or requeued, with or without a driver watching it
+            return StageState("running", queued.describe(), run_id)
     status = _read(output_dir / STATUS)
     if not status:
         return StageState("pending", run_id=run_id)

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from launch.slurm import SCRIPT
 from pipeline.graph import StageNode
 from pipeline.recipe import Recipe
 from pipeline.state import RUN_ID, read_run_id
@@ -82,7 +83,9 @@ class Tracker:
         return run_id
 
     def log_spec(self, run_id: str, node: StageNode) -> None:
-        self.client.log_artifact(run_id, str(node.output_dir / SPEC))
+        for name in (SPEC, SCRIPT):  # SCRIPT: the sbatch script of a Slurm stage
+            if (node.output_dir / name).exists():
+                self.client.log_artifact(run_id, str(node.output_dir / name))
 
     def stage_ended(self, run_id: str, node: StageNode, status: str) -> None:
         for name in (MANIFEST, LOG):

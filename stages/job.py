@@ -4,7 +4,8 @@
         job.main(run)          # run(spec) -> dict of what was produced (goes into the manifest)
 
 Preemption: SIGTERM / SIGUSR1 set a flag (`preempt_requested()`); a training loop checks it at step
-boundaries, checkpoints, and raises `Preempted`. The job then exits with EXIT_PREEMPTED.
+boundaries, checkpoints, and raises `Preempted`. The job then exits with EXIT_PREEMPTED. Under
+Slurm its batch script (launch/slurm.py) then requeues the job, which resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def rank() -> int:
 def main(run: Callable[[StageSpec], dict[str, Any]], argv: list[str] | None = None) -> None:
     spec = parse_spec_arg(argv)
     install_preemption_handlers()
+    if "SLURM_JOB_ID" in os.environ and rank() == 0:  # which start of a requeued job this is
+        print(f"{spec.name}: slurm job {os.environ['SLURM_JOB_ID']}, SLURM_RESTART_COUNT="
+              f"{os.environ.get('SLURM_RESTART_COUNT', '0')}", flush=True)
     try:
         produced = run(spec)
     except Preempted as e:

@@ -32,3 +32,20 @@ def megatron_world():
     info = distributed.init(seed=0)
     yield info
     distributed.teardown()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node Slurm cluster (private munged + slurmctld + slurmd) for this test session.
+
+    Installs the Debian packages when they are missing and we are root (as in CI); skips only
+    when that cannot be done. SLURM_CONF points the client commands at it while it runs."""
+    from slurm_cluster import SlurmCluster, ensure_installed
+
+    why_not = ensure_installed()
+    if why_not:
+        pytest.skip(why_not)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
