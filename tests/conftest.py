@@ -1,4 +1,5 @@
 import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -10,6 +11,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def default_sigint() -> None:
+    """`preexec_fn` of a driver that a test will Ctrl-C: a shell that starts pytest in the
+    background makes it ignore SIGINT, children inherit that, and the driver would never see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import default_sigint
 from pipeline.cli import main
 from pipeline.state import WorkdirLock, stage_state
 
@@ -108,7 +109,8 @@ def test_ctrl_c_asks_jobs_to_stop_and_waits_for_them(write_recipe, tmp_path):
           slow: {{kind: noop, seconds: 60}}
     """)
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(recipe)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=default_sigint)
     _wait_for_worker(workdir, "slow")
     time.sleep(2)  # let the worker install its signal handlers and enter its loop
     driver.send_signal(signal.SIGINT)

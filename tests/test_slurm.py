@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import default_sigint
 from launch import local, slurm
 from pipeline.cli import main
 from pipeline.state import LockedError, WorkdirLock
@@ -208,7 +209,8 @@ def test_drivers_killed_or_interrupted_leave_the_job_and_the_next_one_reattaches
 
     # driver 2 re-attaches, then gets Ctrl-C: it leaves the job running and says so
     driver2 = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(recipe)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                               preexec_fn=default_sigint)
     wait_until(lambda: f"re-attaching to slurm job {job_id}" in (stage_dir / "job.log").read_text(),
                120, "driver 2 to re-attach")
     driver2.send_signal(signal.SIGINT)

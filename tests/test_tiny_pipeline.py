@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, default_sigint
 
 TINY = REPO / "recipes" / "tiny.yaml"
 STAGES = ("tokenizer", "prepare", "pretrain", "eval_base", "sft_data", "sft", "eval_sft")
@@ -145,7 +145,7 @@ def test_ctrl_c_during_pretrain_then_rerun_gives_bitwise_the_same_model(tiny_run
 
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(TINY),
                                f"workdir={workdir}"], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
     ckpts = pretrain_dir / "checkpoints"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (ckpts.exists() and any(
