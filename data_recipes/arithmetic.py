@@ -85,10 +85,20 @@ def make_problem(rng: random.Random, max_digits: int) -> dict:
     b = _number(rng, rng.randint(1, max_digits))
     if op == "-" and a < b:  # keep answers non-negative so column borrowing always ends cleanly
         a, b = b, a
+    return {"question": f"What is {a} {op} {b}?", **_solution(a, op, b), "a": a, "op": op, "b": b}
+
+
+def _solution(a: int, op: str, b: int) -> dict:
     steps = {"+": _add_steps, "-": _sub_steps, "*": _mul_steps}[op](a, b)
-    answer = _apply(a, op, b)
-    return {"question": f"What is {a} {op} {b}?", "steps": steps, "answer": answer,
-            "a": a, "op": op, "b": b}
+    return {"steps": steps, "answer": _apply(a, op, b)}
+
+
+def solve(question_text: str) -> dict | None:
+    """{steps, answer} of the first `What is A op B?` in the text, or None if there is none."""
+    q = _QUESTION.search(question_text)
+    if q is None:
+        return None
+    return _solution(int(q.group(1)), q.group(2), int(q.group(3)))
 
 
 def _apply(a: int, op: str, b: int) -> int:
@@ -111,10 +121,10 @@ def check_answer(question_text: str, answer_text: str) -> bool:
 
     question_text may be the question alone or a whole rendered document.
     """
-    q = _QUESTION.search(question_text)
-    if q is None:
+    solved = solve(question_text)
+    if solved is None:
         return False
-    truth = _apply(int(q.group(1)), q.group(2), int(q.group(3)))
+    truth = solved["answer"]
     answers = _ANSWER.findall(answer_text)
     if answers:
         given = answers[-1]

@@ -233,13 +233,10 @@ class ArithmeticOracle(Generator):
         return random.Random(int(h[:16], 16))
 
     def _problem(self, prompt: str) -> dict:
-        m = arithmetic._QUESTION.search(prompt)
-        if m is None:
+        solved = arithmetic.solve(prompt)
+        if solved is None:
             raise GenerationError(f"the arithmetic oracle cannot read the prompt {prompt[:80]!r}")
-        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-        steps = {"+": arithmetic._add_steps, "-": arithmetic._sub_steps,
-                 "*": arithmetic._mul_steps}[op](a, b)
-        return {"steps": steps, "answer": arithmetic._apply(a, op, b)}
+        return solved
 
     def _solve(self, prompt: str, *why: str) -> str:
         p = self._problem(prompt)

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -217,14 +216,11 @@ def test_sft_trains_on_assistant_tokens_and_measures_held_out_loss(reference):
 
 @pytest.mark.slow
 def test_sft_resume_after_sigkill_is_bitwise_identical(reference, inputs, tmp_path):
-    from stages.checkpoint import latest_checkpoint
+    from test_pretrain import wait_for_checkpoint
 
     spec = sft_spec(tmp_path, inputs)
     proc = start(spec)
-    deadline = time.time() + 120
-    while latest_checkpoint(tmp_path / "checkpoints") is None:
-        assert proc.poll() is None and time.time() < deadline, "ended before its first checkpoint"
-        time.sleep(0.005)
+    wait_for_checkpoint(tmp_path, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "manifest.json").exists(), "finished before it was killed"
