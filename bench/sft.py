@@ -46,7 +46,8 @@ def bench_steps(args, info) -> tuple[float, float]:
     sft_cfg = SFTConfig(tokenizer="t", data="d", global_batch_size=args.batch,
                         micro_batch_size=args.batch, lr=SFTLRConfig(warmup_steps=0))
     optimizer = build_optimizer(model, OptimizerConfig(),
-                                sft_schedule(sft_cfg, 100, cfg.seq_length, cfg.rotary_base))
+                                sft_schedule(sft_cfg.lr, 100, sft_cfg.global_batch_size,
+                                             cfg.seq_length, cfg.rotary_base))
     rng = random.Random(0)
     encoded = []
     for _ in range(400):  # chat-like samples: a 20-60 token prompt, the rest assistant tokens

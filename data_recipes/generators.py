@@ -52,6 +52,10 @@ EVALUATE_SYSTEM = ("You are a strict evaluator. For each numbered checklist item
                    "line: '<n>. PASS' or '<n>. FAIL: <what is wrong and how to fix it>'.")
 REVISE_SYSTEM = ("Rewrite the answer so that it meets every checklist item, fixing what the "
                  "critiques point out. Reply with the revised answer only.")
+JUDGE_SYSTEM = ("Rate how well the answer responds to the instruction, from 0 (wrong or useless) to "
+                "10 (correct and complete). Reply with one line: 'Score: <n>'.")
+PREFER_SYSTEM = ("Two answers to the same instruction follow. Which one would a careful user "
+                 "prefer? Reply with one letter: A or B.")
 COT_SYSTEM = ("You are given an instruction and its final answer. First write 'Summary:' and a "
               "one-line plan, then 'Reasoning:' and a complete step-by-step reasoning that arrives "
               "at exactly this final answer. Do not restate the final answer after the reasoning.")
@@ -107,6 +111,36 @@ class Generator:
              Message("user", f"Instruction:\n{p}\n\nFinal answer:\n{a}")]
             for p, a in zip(prompts, answers)])
         return [parse_cot(answer_only(t)) for t in texts]
+
+    def score(self, prompts: list[str], answers: list[str]) -> list[float]:
+        """A judge's rating of each answer in [0, 1] (an unreadable rating counts as 0)."""
+        texts = self.complete([
+            [Message("system", JUDGE_SYSTEM),
+             Message("user", f"Instruction:\n{p}\n\nAnswer:\n{a}")]
+            for p, a in zip(prompts, answers)])
+        return [parse_score(answer_only(t)) for t in texts]
+
+
+    def prefer(self, prompts: list[str], a: list[str], b: list[str]) -> list[float]:
+        """1.0 where the judge prefers answer A, 0.0 for B, 0.5 when its reply names neither."""
+        texts = self.complete([
+            [Message("system", PREFER_SYSTEM),
+             Message("user", f"Instruction:\n{p}\n\nAnswer A:\n{x}\n\nAnswer B:\n{y}")]
+            for p, x, y in zip(prompts, a, b)])
+        return [parse_preference(answer_only(t)) for t in texts]
+
+
+def parse_preference(text: str) -> float:
+    m = re.search(r"\b([AB])\b", text)
+    return 0.5 if m is None else float(m.group(1) == "A")
+
+
+_SCORE = re.compile(r"Score:\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def parse_score(text: str) -> float:
+    m = _SCORE.search(text)
+    return min(max(float(m.group(1)), 0.0), 10.0) / 10 if m else 0.0
 
 
 _VERDICT = re.compile(r"^\s*(\d+)[.)]\s*(PASS|FAIL)\b[:\s-]*(.*)$", re.IGNORECASE)
@@ -279,6 +313,20 @@ class ArithmeticOracle(Generator):
 
     def revise(self, prompts, answers, critiques):
         return [self._solve(p, "revise", a, *c) for p, a, c in zip(prompts, answers, critiques)]
+
+    def score(self, prompts, answers):
+        return [float(arithmetic.check_answer(p, answer_only(a))) for p, a in zip(prompts, answers)]
+
+    def prefer(self, prompts, a, b):
+        """A right answer beats a wrong one; between two equally right ones, the shorter wins (a
+        programmatic stand-in for a preference model that likes concise answers)."""
+        out = []
+        for p, x, y in zip(prompts, a, b):
+            x, y = answer_only(x), answer_only(y)
+            key_x = (arithmetic.check_answer(p, x), -len(x))
+            key_y = (arithmetic.check_answer(p, y), -len(y))
+            out.append(0.5 if key_x == key_y else float(key_x > key_y))
+        return out
 
     def reconstruct_cot(self, prompts, answers):
         out = []

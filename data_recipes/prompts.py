@@ -30,10 +30,23 @@ def in_heldout(text: str, fraction: float) -> bool:
     return int(_id(text), 16) / 16 ** 16 < fraction
 
 
+def split_heldout(items: list, ids: list[str], n: int) -> tuple[list, list]:
+    """(train, heldout) of `items`: the n with the smallest hashes of their ids are held out, so
+    the split does not depend on the order or the number of items."""
+    rank = sorted(range(len(items)), key=lambda i: hashlib.sha256(ids[i].encode()).hexdigest())
+    held = set(rank[:n])
+    return ([x for i, x in enumerate(items) if i not in held],
+            [x for i, x in enumerate(items) if i in held])
+
+
 def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
     """At most `cfg.num` distinct prompts, in a fixed order."""
     if cfg.kind == "jsonl":
         return _from_jsonl(cfg)
+    if cfg.kind == "code":
+        from data_recipes.rewards import load_tasks  # the task's asserts are part of its prompt
+
+        return [Prompt(t.id, t.prompt) for t in load_tasks(cfg)]
     rng = random.Random(cfg.seed)
     want_heldout = cfg.split == "heldout"
     seen: dict[str, Prompt] = {}

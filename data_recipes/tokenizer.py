@@ -26,6 +26,9 @@ class Tokenizer(Protocol):
     def token_id(self, piece: str) -> int | None:
         """The id of a piece that is one token (a special token), or None if it is not one."""
 
+    def piece(self, i: int) -> str:
+        """The vocabulary entry of id i."""
+
 
 class SentencePieceTokenizer:
     def __init__(self, model_file: str):
@@ -46,6 +49,9 @@ class SentencePieceTokenizer:
     def token_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)
         return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
 
 
 class HFTokenizer:
@@ -72,6 +78,9 @@ class HFTokenizer:
     def token_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
 
+    def piece(self, i: int) -> str:
+        return self.tok.id_to_token(i) or ""
+
 
 def load_tokenizer(manifest: dict[str, Any]) -> Tokenizer:
     """The tokenizer a tokenizer-producing stage's manifest describes."""
@@ -86,3 +95,23 @@ def load_tokenizer(manifest: dict[str, Any]) -> Tokenizer:
 
 def tokenizer_of_stage(stage_dir: str | Path) -> Tokenizer:
     return load_tokenizer(read_json(Path(stage_dir) / MANIFEST))
+
+
+def tokenizer_mismatch(a: Tokenizer, b: Tokenizer) -> str | None:
+    """Why two tokenizers would not give the same ids for the same text, or None if they are the
+    same model file (byte for byte: sentencepiece's merges are in it, not only the vocabulary)."""
+    import hashlib
+
+    def digest(t: Tokenizer) -> str:
+        return hashlib.sha256(Path(t.model_file).read_bytes()).hexdigest()
+
+    if type(a) is type(b) and digest(a) == digest(b):
+        return None
+    if a.vocab_size != b.vocab_size:
+        return f"vocab sizes differ ({a.vocab_size} vs {b.vocab_size})"
+    for i in range(a.vocab_size):
+        if a.piece(i) != b.piece(i):
+            return f"token {i} differs ({a.piece(i)!r} vs {b.piece(i)!r})"
+    if (a.eod_id, a.pad_id) != (b.eod_id, b.pad_id):
+        return f"end-of-document/pad ids differ ({a.eod_id}/{a.pad_id} vs {b.eod_id}/{b.pad_id})"
+    return "same vocabulary but different model files (merges or normalisation may differ)"

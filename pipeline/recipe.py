@@ -138,11 +138,39 @@ def conform(raw: DictConfig) -> Recipe:
                                                  f"{', '.join(sorted(kinds))}"))
                 continue
             items[str(name)] = _structured(kinds[kind], item, path, problems)
+        if section == "stages" and not problems:
+            items = expand_substages(items)
         if recipe is not None:
             setattr(recipe, section, items)
     if problems or recipe is None:
         raise RecipeError(problems)
     return recipe
+
+
+def expand_substages(stages: dict[str, Any]) -> dict[str, Any]:
+    """Each `rl` stage with sub-stages [a, b, c] becomes stages `name.a`, `name.b`, `name.c` (one
+    sub-stage each, each starting from the previous one's checkpoint), so every sub-stage is its
+    own resumable node with its own hash: a crash in `b` never reruns `a`. A reference to `name`
+    from another stage means its last sub-stage."""
+    from stages.config import RLConfig, ref_fields
+
+    out: dict[str, Any] = {}
+    last: dict[str, str] = {}
+    for name, cfg in stages.items():
+        if not isinstance(cfg, RLConfig) or not cfg.substages:
+            out[name] = cfg  # (an rl stage without sub-stages is reported by validation)
+            continue
+        init = cfg.init
+        for sub in cfg.substages:
+            out[f"{name}.{sub.name}"] = dataclasses.replace(cfg, init=init, substages=[sub])
+            init = f"{name}.{sub.name}"
+        last[name] = init
+    for cfg in out.values():
+        for key in ref_fields(type(cfg)):
+            if getattr(cfg, key) in last:
+                setattr(cfg, key, last[getattr(cfg, key)])
+        cfg.after = [last.get(dep, dep) for dep in cfg.after]
+    return out
 
 
 def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
@@ -164,6 +192,7 @@ def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
         if elem is not None and isinstance(value, ListConfig):
             items[f.name] = [_structured(elem, x, f"{_join(path, f.name)}[{i}]", problems)
                              for i, x in enumerate(value)]
+            failed |= any(x is None for x in items[f.name])  # reported with its own path
             del node[f.name]
         elif dataclasses.is_dataclass(hint) and isinstance(value, DictConfig):
             # checked on its own first, so its errors carry its path; merged below as it is

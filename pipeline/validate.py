@@ -15,13 +15,16 @@ from pipeline.graph import stage_launcher, stage_model, stage_refs, topo_order
 from pipeline.recipe import Recipe, RecipeError
 from schedulers.fg_wsd import check as check_schedule
 from schedulers.mixture import check_weights
-from stages.config import ImportConfig, PretrainConfig, phase_specs, pretrain_schedule
+from stages.config import (DistillConfig, ImportConfig, PretrainConfig, RLConfig, phase_specs,
+                           pretrain_schedule)
 
 # Which kind each reference field must point at: by (stage kind, field) first, then by field
 # (fields not listed may point anywhere).
-CHECKPOINT_KINDS = ("pretrain", "sft", "import")
-REF_KINDS = {"tokenizer": ("tokenizer", "import"), "data": ("prepare",),
-             "init": CHECKPOINT_KINDS, "engine": CHECKPOINT_KINDS,
+CHECKPOINT_KINDS = ("pretrain", "sft", "distill", "rl", "import")
+TOKENIZER_KINDS = ("tokenizer", "import")
+REF_KINDS = {"tokenizer": TOKENIZER_KINDS, "teacher_tokenizer": TOKENIZER_KINDS,
+             "data": ("prepare",), "init": CHECKPOINT_KINDS, "engine": CHECKPOINT_KINDS,
+             "student": CHECKPOINT_KINDS, "teacher": CHECKPOINT_KINDS, "judge": CHECKPOINT_KINDS,
              ("sft", "data"): ("sft_data",)}
 
 
@@ -80,6 +83,33 @@ def _check_stage(recipe: Recipe, name: str, cfg) -> list[tuple[str, str]]:
     problems += _check_imported_model(recipe, path, cfg)
     if isinstance(cfg, PretrainConfig):
         problems += _check_pretrain(recipe, path, cfg)
+    if isinstance(cfg, DistillConfig):
+        problems += _check_distill(recipe, path, cfg)
+    if isinstance(cfg, RLConfig) and not cfg.substages:
+        problems.append((f"{path}.substages", "name at least one sub-stage (name, prompts, "
+                                              "reward, filter, grpo)"))
+    return problems
+
+
+def tokenizer_of(recipe: Recipe, stage: str) -> str | None:
+    """The tokenizer stage a checkpoint stage was trained with (an import stage is its own)."""
+    cfg = recipe.stages[stage]
+    return stage if isinstance(cfg, ImportConfig) else getattr(cfg, "tokenizer", None)
+
+
+def _check_distill(recipe: Recipe, path: str, cfg: DistillConfig) -> list[tuple[str, str]]:
+    """Teacher and student must share a tokenizer: the teacher's must be the distill stage's
+    `teacher_tokenizer` (compared token by token at run time) or else its `tokenizer`."""
+    problems = []
+    want = cfg.teacher_tokenizer or cfg.tokenizer
+    for role, key in ((cfg.teacher, "teacher"), (cfg.student, "student")):
+        used = tokenizer_of(recipe, role)
+        expected = want if key == "teacher" else cfg.tokenizer
+        if used and used != expected:
+            fix = ("set teacher_tokenizer: " + repr(used) + " (checked token by token before any "
+                   "work)") if key == "teacher" else "use the student's own tokenizer"
+            problems.append((f"{path}.{key}", f"{role!r} was trained with tokenizer {used!r}, "
+                                              f"not {expected!r}; {fix}"))
     return problems
 
 

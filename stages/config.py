@@ -292,7 +292,7 @@ class PromptsConfig:
     """A set of prompts: generated arithmetic questions (split train / heldout) or a jsonl file."""
 
     kind: str = "arithmetic"
-    """arithmetic | jsonl"""
+    """arithmetic | code (tiny Python function tasks with asserts) | jsonl"""
     num: int = 256
     """At most this many prompts."""
     split: str = "train"
@@ -303,14 +303,23 @@ class PromptsConfig:
     path: Optional[str] = None
     """jsonl: the file; each line an object with the prompt under `field`."""
     field: str = "prompt"
+    answer_field: str = "answer"
+    """jsonl: the reference answer (for a math reward), when the lines have one."""
 
     def __post_init__(self):
-        if self.kind not in ("arithmetic", "jsonl"):
-            raise ValueError(f"kind: {self.kind!r} is not a prompt set kind; one of arithmetic, jsonl")
+        if self.kind not in ("arithmetic", "code", "jsonl"):
+            raise ValueError(f"kind: {self.kind!r} is not a prompt set kind; one of arithmetic, "
+                             "code, jsonl")
         if self.split not in ("train", "heldout"):
             raise ValueError(f"split: {self.split!r}; one of train, heldout")
-        if self.kind == "jsonl" and not self.path:
-            raise ValueError("path: a jsonl prompt set needs a path")
+        if self.kind == "jsonl":
+            import os
+
+            if not self.path:
+                raise ValueError("path: a jsonl prompt set needs a path")
+            self.path = os.path.abspath(os.path.expanduser(self.path))  # like source paths
+            if not os.path.isfile(self.path):
+                raise ValueError(f"path: {self.path} does not exist")
 
 
 @dataclass
@@ -434,6 +443,124 @@ class SFTConfig:
 
 
 @dataclass
+class PairFilterConfig:
+    """Which sampled (positive, negative) pairs DPD trains on: the positive must clearly win."""
+
+    kind: str = "verifier"
+    """verifier (the task's exact checker: 1 right, 0 wrong) | judge (a generator backend rates
+    each answer 0-10, scaled to [0, 1]; http, or the arithmetic oracle)."""
+    task: str = "arithmetic"
+    """verifier: the task whose checker scores answers."""
+    judge: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """judge: the backend that rates answers."""
+    min_margin: float = 1.0
+    """Keep a pair when score(positive) - score(negative) >= this (verifier: 1 = right vs wrong)."""
+
+    def __post_init__(self):
+        if self.kind not in ("verifier", "judge"):
+            raise ValueError(f"kind: {self.kind!r} is not a pair filter; one of verifier, judge")
+        if self.kind == "verifier" and self.task != "arithmetic":
+            raise ValueError(f"task: {self.task!r} has no verifier; the verifier task is arithmetic")
+
+
+@dataclass
+class DistillLossConfig:
+    """The three DPD terms and their weights. The paper publishes none of these values; ours are
+    chosen on the tiny task (see the README's DPD section and bench/distill.py)."""
+
+    dpo_weight: float = 1.0
+    """Sequence-level DPO (sigmoid) between the teacher's positive and the student's negative."""
+    positive_weight: float = 1.0
+    """Token-level distillation toward the teacher on the positive's tokens."""
+    negative_weight: float = 1.0
+    """Token-level distillation toward the teacher on the student's own negative tokens."""
+    dpo_beta: float = 0.1
+    """DPO's beta (the strength of the implicit KL to the reference: the frozen initial student)."""
+    length_normalize: bool = False
+    """DPO on mean instead of summed response log-probs (no preference for short answers)."""
+    divergence: str = "forward_kl"
+    """forward_kl (KL(teacher || student), mode covering) | reverse_kl (KL(student || teacher),
+    mode seeking) | jsd (generalised Jensen-Shannon with `jsd_beta`, as in GKD)."""
+    jsd_beta: float = 0.5
+    """jsd: the mixture weight of the teacher; 0 = forward KL, 1 = reverse KL."""
+    temperature: float = 1.0
+    """Both models' logits are divided by it before the divergence."""
+    teacher_topk: int = 0
+    """0: teacher logits computed online by the teacher held in the job. k > 0: the teacher's
+    top-k logits of every training token are written once before training (8 bytes per token per
+    k) and the teacher is freed; the divergence is then taken on the teacher's top-k support."""
+
+    def __post_init__(self):
+        if self.divergence not in ("forward_kl", "reverse_kl", "jsd"):
+            raise ValueError(f"divergence: {self.divergence!r}; one of forward_kl, reverse_kl, jsd")
+        if not 0 <= self.jsd_beta <= 1:
+            raise ValueError(f"jsd_beta: {self.jsd_beta}, must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: {self.temperature}, must be positive")
+        if self.teacher_topk < 0:
+            raise ValueError(f"teacher_topk: {self.teacher_topk}, must be 0 or more")
+        for key in ("dpo_weight", "positive_weight", "negative_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: {getattr(self, key)}, must be 0 or more")
+        if self.dpo_weight + self.positive_weight + self.negative_weight == 0:
+            raise ValueError("dpo_weight, positive_weight, negative_weight: all 0, nothing to train")
+
+
+@dataclass
+class DistillConfig:
+    """Dual Preference Distillation: teacher positives vs student negatives, DPO + token-level KD."""
+
+    kind: str = "distill"
+    after: list[str] = field(default_factory=list)
+    tokenizer: str = ref()
+    """The student's tokenizer stage."""
+    student: str = ref()
+    """The stage whose latest checkpoint is the student (its architecture is used)."""
+    teacher: str = ref()
+    """The stage whose latest checkpoint is the teacher (any size, same tokenizer)."""
+    teacher_tokenizer: Optional[str] = ref(None)
+    """The teacher's tokenizer stage when it is not `tokenizer`; the two must be identical (checked
+    before any work). None: the teacher uses `tokenizer`."""
+    model: Optional[dict[str, Any]] = None
+    """Overrides of the student's model."""
+    teacher_model: Optional[dict[str, Any]] = None
+    """Overrides of the teacher's model."""
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    teacher_samples: int = 4
+    """Answers the teacher samples per prompt; the best-scored one is the positive."""
+    student_samples: int = 4
+    """Answers the student samples per prompt; the worst-scored one is the negative."""
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    filter: PairFilterConfig = field(default_factory=PairFilterConfig)
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    epochs: int = 2
+    global_batch_size: int = 8
+    """Pairs per optimizer step."""
+    micro_batch_size: int = 4
+    lr: SFTLRConfig = field(default_factory=lambda: SFTLRConfig(max=2e-4, min=2e-6, warmup_steps=2))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    heldout_pairs: int = 8
+    """Pairs kept out of training; teacher-student KL and DPO accuracy on them after each epoch."""
+    seed: int = 1234
+    sample_batch_size: int = unhashed(32)
+    """Prompts per generate() call while sampling pairs."""
+    shard_size: int = unhashed(64)
+    """Prompts per unit of pair sampling; finished shards are saved, a restart redoes the rest."""
+    checkpoint_every: int = unhashed(50)
+    keep_checkpoints: int = unhashed(2)
+    log_every: int = unhashed(5)
+    launcher: Optional[dict[str, Any]] = unhashed()
+
+    def __post_init__(self):
+        for key in ("teacher_samples", "student_samples", "epochs", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: {getattr(self, key)}, must be at least 1")
+
+
+@dataclass
 class EvalConfig:
     """Verifiable benchmark on a checkpoint: exact match (greedy) and pass@k (sampled)."""
 
@@ -465,6 +592,141 @@ class EvalConfig:
         bad = [k for k in self.k if not 1 <= k <= max(self.samples, 1)]
         if self.samples and bad:
             raise ValueError(f"k: {bad} must be between 1 and samples ({self.samples})")
+
+
+@dataclass
+class RewardConfig:
+    """How a sub-stage scores a rollout."""
+
+    kind: str = "math"
+    """math (final answer vs the reference, checked in a sandbox) | code (the response's function
+    run against the task's public and private asserts in a sandbox) | judge (a pairwise judge
+    compares every two samples of a group, both orders; reward = the sample's win rate)."""
+    judge: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """judge: the backend: engine (the rl stage's `judge` checkpoint), http, or the arithmetic
+    oracle (prefers a right answer, then the shorter one: a programmatic stand-in for a
+    preference model)."""
+    workers: int = unhashed(8)
+    """Sandboxes run at once."""
+
+    def __post_init__(self):
+        if self.kind not in ("math", "code", "judge"):
+            raise ValueError(f"kind: {self.kind!r} is not a reward; one of math, code, judge")
+
+
+@dataclass
+class PassRateFilterConfig:
+    """Before a sub-stage trains, keep the prompts the current model solves sometimes, not always."""
+
+    enabled: bool = True
+    samples: int = 16
+    """Answers sampled per prompt to measure its pass rate."""
+    min_pass: float = 0.1
+    """Keep prompts with min_pass < pass rate < max_pass (both exclusive)."""
+    max_pass: float = 0.9
+
+    def __post_init__(self):
+        if not 0 <= self.min_pass < self.max_pass <= 1:
+            raise ValueError(f"min_pass, max_pass: {self.min_pass}, {self.max_pass}; need "
+                             "0 <= min_pass < max_pass <= 1")
+        if self.samples < 1:
+            raise ValueError(f"samples: {self.samples}, must be at least 1")
+
+
+@dataclass
+class GRPOConfig:
+    """On-policy GRPO: G samples per prompt, group-normalised advantages, clipped ratio."""
+
+    steps: int = 20
+    """Rollout batches (each followed by `updates_per_batch` optimizer steps)."""
+    prompts_per_step: int = 8
+    group_size: int = 8
+    """G: samples per prompt."""
+    updates_per_batch: int = 1
+    """Optimizer steps per rollout batch; > 1 makes the later ones off-policy (ratio != 1)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    """Clip-higher (DAPO): the ratio may rise to 1 + eps_high for positive advantages."""
+    normalize_std: bool = True
+    """Divide advantages by the group's std (off: Dr. GRPO)."""
+    aggregation: str = "token"
+    """token (every response token of the batch weighs the same) | sequence (mean per sample)."""
+    kl_coef: float = 0.0
+    """KL to the initial policy (k3 estimator); 0 as in Nanbeige4-3B and DAPO."""
+    mask_truncated: bool = True
+    """Samples cut at max_new_tokens get no loss (their reward is not about a finished answer)."""
+    lr: SFTLRConfig = field(default_factory=lambda: SFTLRConfig(max=1e-5, min=1e-5))
+    """Constant by default (min = max); warmup/decay over the optimizer steps when they differ."""
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"group_size: {self.group_size}; GRPO needs at least 2 samples")
+        if self.aggregation not in ("token", "sequence"):
+            raise ValueError(f"aggregation: {self.aggregation!r}; one of token, sequence")
+        for key in ("steps", "prompts_per_step", "updates_per_batch", "micro_batch_size",
+                    "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: {getattr(self, key)}, must be at least 1")
+
+
+@dataclass
+class RLSubstageConfig:
+    """One sub-stage of `rl`: its prompts, reward, pass-rate filter and GRPO settings."""
+
+    name: str = MISSING
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    filter: PassRateFilterConfig = field(default_factory=PassRateFilterConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    def __post_init__(self):
+        if self.name != MISSING and not re.fullmatch(r"[A-Za-z0-9_]+", self.name):
+            raise ValueError(f"name: {self.name!r}; letters, digits and _ only (it names a stage)")
+
+
+@dataclass
+class RLConfig:
+    """Multi-stage RL: GRPO sub-stages run in order, each its own resumable stage of the DAG.
+
+    The recipe loader turns an `rl` stage with sub-stages [a, b, c] into stages `<name>.a`,
+    `<name>.b`, `<name>.c`, each starting from the previous one's checkpoint (a from `init`); a
+    reference to `<name>` elsewhere means its last sub-stage."""
+
+    kind: str = "rl"
+    after: list[str] = field(default_factory=list)
+    tokenizer: str = ref()
+    init: str = ref()
+    """The checkpoint RL starts from: SFT, distill, or a pretrained base model (Jan-nano style)."""
+    judge: Optional[str] = ref(None)
+    """A checkpoint stage that plays the judge of `reward.kind: judge` with `judge.kind: engine`."""
+    model: Optional[dict[str, Any]] = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    prompt_format: str = "chat"
+    """chat (our chat template) | completion (`completion_template`, for a base model)."""
+    completion_template: str = "Question: {prompt}\n"
+    stop: list[str] = field(default_factory=list)
+    """Text that ends a rollout, besides the end-of-turn / end-of-document tokens."""
+    substages: list[RLSubstageConfig] = field(default_factory=list)
+    seed: int = 1234
+    rollout_batch_size: int = unhashed(64)
+    """Sequences per generate() call."""
+    checkpoint_every: int = unhashed(10)
+    keep_checkpoints: int = unhashed(2)
+    log_every: int = unhashed(1)
+    launcher: Optional[dict[str, Any]] = unhashed()
+
+    def __post_init__(self):
+        if self.prompt_format not in ("chat", "completion"):
+            raise ValueError(f"prompt_format: {self.prompt_format!r}; one of chat, completion")
+        names = [s.name for s in self.substages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"substages: names repeat ({', '.join(names)})")
 
 
 @dataclass
@@ -523,6 +785,8 @@ STAGE_KINDS: dict[str, type] = {
     "sft_data": SFTDataConfig,
     "sft": SFTConfig,
     "eval": EvalConfig,
+    "distill": DistillConfig,
+    "rl": RLConfig,
     "import": ImportConfig,
     "export": ExportConfig,
 }

@@ -67,6 +67,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
+def write_jsonl_atomic(path: str | os.PathLike, rows: list[Any]) -> None:
+    """One JSON object per line, written like write_json_atomic (all or nothing)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)

@@ -15,7 +15,6 @@ checkpoint machinery as pretraining, bitwise on CPU.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import math
@@ -27,12 +26,13 @@ import numpy as np
 import torch
 
 from data_recipes.chat import Message, encode_chat
+from data_recipes.prompts import split_heldout
 from data_recipes.sft_pack import Packed, attention_mask, build_sequence, pack
 from data_recipes.tokenizer import tokenizer_of_stage
 from schedulers.fg_wsd import PhaseSpec, build_schedule
 from stages import checkpoint as ckpt
 from stages import distributed, job
-from stages.config import SFTConfig, checkpoint_model, from_dict
+from stages.config import SFTConfig, SFTLRConfig, checkpoint_model, from_dict
 from stages.contract import MANIFEST, StageSpec, read_json
 from stages.model import build_model
 from stages.optim import build_ddp, build_optimizer, build_scheduler, current_lr
@@ -46,28 +46,20 @@ def load_samples(data_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def split_heldout(samples: list[dict], n: int) -> tuple[list[dict], list[dict]]:
-    """(train, heldout): the n samples with the smallest id hashes are held out (order-free)."""
-    rank = sorted(range(len(samples)),
-                  key=lambda i: hashlib.sha256(samples[i]["id"].encode()).hexdigest())
-    held = set(rank[:n])
-    return ([s for i, s in enumerate(samples) if i not in held],
-            [s for i, s in enumerate(samples) if i in held])
-
-
 def encode_all(tokenizer, samples: list[dict]) -> list[tuple[list[int], list[int]]]:
     return [encode_chat(tokenizer, [Message(**m) for m in s["messages"]]) for s in samples]
 
 
-def sft_schedule(cfg: SFTConfig, steps: int, seq_length: int, rotary_base: float):
-    """A one-phase FG-WSD schedule: warmup steps, then decay over all the remaining steps."""
-    tps = cfg.global_batch_size * seq_length
-    phase = PhaseSpec("sft", steps * tps, {"sft": 1.0}, seq_length, rotary_base,
-                      cfg.global_batch_size)
-    warmup = min(cfg.lr.warmup_steps, steps)
-    return build_schedule([phase], lr_max=cfg.lr.max, lr_min=cfg.lr.min, lr_init=0.0,
+def sft_schedule(lr: SFTLRConfig, steps: int, global_batch_size: int, seq_length: int,
+                 rotary_base: float):
+    """A one-phase FG-WSD schedule: warmup steps, then decay over all the remaining steps (the
+    post-training stages' LR: SFT, distill, RL)."""
+    tps = global_batch_size * seq_length
+    phase = PhaseSpec("sft", steps * tps, {"sft": 1.0}, seq_length, rotary_base, global_batch_size)
+    warmup = min(lr.warmup_steps, steps)
+    return build_schedule([phase], lr_max=lr.max, lr_min=lr.min, lr_init=0.0,
                           warmup_tokens=warmup * tps, decay_tokens=(steps - warmup) * tps,
-                          decay_style=cfg.lr.decay_style)
+                          decay_style=lr.decay_style)
 
 
 def make_batch(encoded, packs: list[Packed], seq_length: int, pad_id: int,
@@ -145,7 +137,8 @@ def run(spec: StageSpec) -> dict[str, Any]:
         model_cfg = checkpoint_model(spec.model, upstream, cfg.model)
         seq_length = model_cfg.seq_length
         tok = tokenizer_of_stage(spec.inputs["tokenizer"])
-        train, held = split_heldout(load_samples(spec.inputs["data"]), cfg.heldout_samples)
+        samples = load_samples(spec.inputs["data"])
+        train, held = split_heldout(samples, [s["id"] for s in samples], cfg.heldout_samples)
         if not train:
             raise ValueError(f"data: no training samples ({len(held)} held out)")
         encoded, held_encoded = encode_all(tok, train), encode_all(tok, held)
@@ -164,7 +157,8 @@ def run(spec: StageSpec) -> dict[str, Any]:
         epoch_end = {}  # epoch -> the step after which all its sequences are trained
         for i, p in enumerate(packs[:total_steps * per_step]):
             epoch_end[p.epoch] = i // per_step + 1
-        schedule = sft_schedule(cfg, total_steps, seq_length, model_cfg.rotary_base)
+        schedule = sft_schedule(cfg.lr, total_steps, cfg.global_batch_size, seq_length,
+                            model_cfg.rotary_base)
         print(f"{len(train)} samples ({truncated} cut to {seq_length + 1} tokens), "
               f"{len(held)} held out; {len(packs)} sequences of {seq_length} over {cfg.epochs} "
               f"epochs -> {total_steps} steps", flush=True)

@@ -25,7 +25,7 @@ from data_recipes.prompts import Prompt, load_prompts
 from data_recipes.refine import RefineRoles, Sample, refine, round_stats
 from stages import job
 from stages.config import GeneratorConfig, SFTDataConfig, checkpoint_model, from_dict
-from stages.contract import MANIFEST, StageSpec, read_json
+from stages.contract import MANIFEST, StageSpec, read_json, write_jsonl_atomic
 from stages.tracking import MetricLogger
 
 ROLES = ("drafter", "reviser", "cot")
@@ -172,13 +172,13 @@ def _run(spec: StageSpec) -> dict[str, Any]:
         raise RuntimeError(f"{len(missing)} prompts have no record after refinement")
     samples = [Sample(**records[p.id]) for p in prompts]
     accepted = [s for s in samples if s.status == "accepted"]
-    _write_jsonl(out / "data.jsonl", [{"id": s.id, "messages": s.messages} for s in accepted])
+    write_jsonl_atomic(out / "data.jsonl", [{"id": s.id, "messages": s.messages} for s in accepted])
     table = [{"id": s.id, "prompt": s.prompt, "status": s.status, "rounds": len(s.rounds),
               "draft": s.rounds[0]["answer"],
               "critiques": [_critiques(r) for r in s.rounds],
               "final_answer": s.final_answer, "summary": s.summary, "reasoning": s.reasoning}
              for s in samples]
-    _write_jsonl(out / "samples.jsonl", table)
+    write_jsonl_atomic(out / "samples.jsonl", table)
     stats = round_stats(samples, cfg.max_rounds)
     for r, st in enumerate(stats):
         logger.log(r, {f"round/{k}": v for k, v in st.items()})
@@ -201,14 +201,6 @@ def _critiques(round_: dict) -> list[str]:
     """Every failed item's critique in one round, from all evaluators."""
     return [f"{v['item']} {v['critique']}".strip() for verdicts in round_["verdicts"]
             for v in verdicts if not v["passed"]]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ def hashes(*overrides):
 def test_hash_is_stable_and_dirs_are_name_dash_hash8():
     graph = build_graph(load_recipe(TINY))
     assert list(graph) == ["tokenizer", "prepare", "pretrain", "eval_base", "sft_data", "sft",
-                           "eval_sft"]
+                           "eval_sft", "teacher_pretrain", "teacher_sft", "eval_teacher", "distill",
+                           "eval_distill", "rl.stem", "rl.code", "rl.align", "eval_rl_stem",
+                           "eval_rl"]
     assert hashes() == hashes()
     for name, node in graph.items():
         assert node.output_dir.name == f"{name}-{node.hash[:8]}"
@@ -23,17 +25,24 @@ def test_hash_is_stable_and_dirs_are_name_dash_hash8():
 
 def test_override_reruns_the_stage_and_its_downstream_only():
     base = hashes()
-    after_pretrain = ["pretrain", "eval_base", "sft_data", "sft", "eval_sft"]
+    after_sft = ["distill", "eval_distill", "rl.stem", "rl.code", "rl.align", "eval_rl_stem",
+                 "eval_rl"]
+    # the student's pretraining feeds SFT data, hence the teacher's SFT too (not its pretraining)
+    after_pretrain = ["pretrain", "eval_base", "sft_data", "sft", "eval_sft", "teacher_sft",
+                      "eval_teacher"] + after_sft
     changed = hashes("stages.pretrain.phases.2.tokens=49152")
     assert [n for n in base if base[n] != changed[n]] == after_pretrain
+    everything_but_the_data = after_pretrain[:5] + ["teacher_pretrain"] + after_pretrain[5:]
     changed = hashes("stages.tokenizer.vocab_size=1024")
-    assert [n for n in base if base[n] != changed[n]] == ["tokenizer", "prepare"] + after_pretrain
+    assert [n for n in base if base[n] != changed[n]] == ["tokenizer", "prepare"] + \
+        everything_but_the_data
     changed = hashes("sources.arithmetic.num_docs=100")  # read by tokenizer and prepare
-    assert [n for n in base if base[n] != changed[n]] == ["tokenizer", "prepare"] + after_pretrain
-    changed = hashes("model.num_layers=3")  # every stage that builds the model
+    assert [n for n in base if base[n] != changed[n]] == ["tokenizer", "prepare"] + \
+        everything_but_the_data
+    changed = hashes("model.num_layers=3")  # the student; the teacher sets its own num_layers
     assert [n for n in base if base[n] != changed[n]] == after_pretrain
-    changed = hashes("stages.sft.epochs=1")  # a leaf branch: SFT and its eval only
-    assert [n for n in base if base[n] != changed[n]] == ["sft", "eval_sft"]
+    changed = hashes("stages.sft.epochs=1")  # the student's SFT and what comes after it
+    assert [n for n in base if base[n] != changed[n]] == ["sft", "eval_sft"] + after_sft
 
 
 def test_fields_that_do_not_change_outputs_do_not_change_the_hash():

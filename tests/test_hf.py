@@ -324,7 +324,8 @@ def test_jan_nano_recipe_validates_and_pipeline_export_runs(megatron_world, tmp_
             "model.num_attention_heads=4", "model.num_query_groups=2", "model.head_dim=16",
             "model.rotary_base=1000000", "model.norm_epsilon=1e-6", "model.seq_length=24"]
     graph = build_graph(load_recipe("recipes/jan_nano.yaml", tiny))
-    assert [n.kind for n in graph.values()] == ["import", "export"]
+    assert [n.kind for n in graph.values()] == ["import", "rl", "export"]  # RL without SFT
+    assert graph["rl.math"].config.init == "base" and graph["export"].config.init == "rl.math"
     with pytest.raises(RecipeError, match=r"model: does not match .*hidden_size: recipe 64, "
                                           r"checkpoint 32"):
         load_recipe("recipes/jan_nano.yaml", tiny + ["model.hidden_size=64"])

@@ -140,6 +140,6 @@ def test_sft_and_eval_references_must_point_at_the_right_kinds():
     assert errors == {
         "stages.sft.data": "'prepare' is a prepare stage; expected a sft_data stage",
         "stages.eval_base.init": "'tokenizer' is a tokenizer stage; expected a pretrain or sft "
-                                 "or import stage",
+                                 "or distill or rl or import stage",
         "stages.sft_data.engine": "'prepare' is a prepare stage; expected a pretrain or sft or "
-                                  "import stage"}
+                                  "distill or rl or import stage"}

@@ -18,7 +18,9 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, default_sigint
 
 TINY = REPO / "recipes" / "tiny.yaml"
-STAGES = ("tokenizer", "prepare", "pretrain", "eval_base", "sft_data", "sft", "eval_sft")
+STAGES = ("tokenizer", "prepare", "pretrain", "eval_base", "sft_data", "sft", "eval_sft",
+          "teacher_pretrain", "teacher_sft", "eval_teacher", "distill", "eval_distill",
+          "rl.stem", "rl.code", "rl.align", "eval_rl_stem", "eval_rl")
 pytestmark = pytest.mark.slow
 
 
@@ -62,7 +64,7 @@ def test_all_stages_complete_with_progress_output(tiny_run):
         assert s["documents"] > 0 and s["tokens"] > s["documents"]
     pre = manifest(dirs["pretrain"][0])
     assert len(pre["eval_losses"]) == 5  # held-out loss at the end of every phase
-    assert "[pretrain]" in result.stdout and "all 7 stages finished" in result.stdout
+    assert "[pretrain]" in result.stdout and f"all {len(STAGES)} stages finished" in result.stdout
     data = manifest(dirs["sft_data"][0])
     assert data["drafted"] == data["prompts"] and 0 < data["accepted"] <= data["prompts"]
     assert data["accepted"] + data["rejected"] == data["prompts"]
@@ -71,12 +73,22 @@ def test_all_stages_complete_with_progress_output(tiny_run):
     held = sft["heldout_loss"]  # before SFT, then after each epoch
     assert held[str(len(held) - 1)] < held["0"]
     assert sft["model"]["rotary_base"] == 40000  # the architecture pretraining ended with
-    for name in ("eval_base", "eval_sft"):
+    evals = [n for n in STAGES if n.startswith("eval_")]
+    for name in evals:
         ev = manifest(dirs[name][0])
         assert ev["prompts"] > 0 and "pass_at_4" in ev
         assert 0 <= ev["exact_match"] <= 1 and 0 <= ev["answered"] <= 1
-    print(f"exact match base {manifest(dirs['eval_base'][0])['exact_match']:.3f}, "
-          f"after SFT {manifest(dirs['eval_sft'][0])['exact_match']:.3f}")
+    print("exact match: " + ", ".join(f"{n[5:]} {manifest(dirs[n][0])['exact_match']:.3f}"
+                                      for n in evals))
+    distill = manifest(dirs["distill"][0])
+    assert distill["model"]["num_layers"] == 2 and distill["teacher_model"]["num_layers"] == 4
+    assert distill["pairs_sampled"] == 192 and 0 < distill["pairs_kept"] < 192
+    assert set(distill["heldout"]) == {"0", "1", "2", "3"}  # before, then after each epoch
+    rl = [manifest(dirs[n][0]) for n in ("rl.stem", "rl.code", "rl.align")]
+    assert [m["substage"] for m in rl] == ["stem", "code", "align"]
+    assert all(m["final_step"] == 8 and m["filter_prompts"] > 0 for m in rl)
+    print("RL filter kept: " + ", ".join(f"{m['substage']} {m['filter_kept']}/{m['filter_prompts']}"
+                                          for m in rl))
     assert f"sqlite:///{workdir}/mlflow.db" in result.stdout
 
 
@@ -113,7 +125,13 @@ def test_mlflow_has_parent_and_nested_runs_with_params_metrics_artifacts(tiny_ru
         _all_artifacts(client, stages["sft_data"].info.run_id))
     for metric in ("loss", "heldout/loss", "lr"):
         assert client.get_metric_history(stages["sft"].info.run_id, metric), metric
-    for name in ("eval_base", "eval_sft"):
+    for metric in ("loss/dpo", "loss/positive_kd", "loss/negative_kd", "dpo/accuracy",
+                   "dpo/margin", "pairs/kept", "heldout/kd_positive"):
+        assert client.get_metric_history(stages["distill"].info.run_id, metric), metric
+    assert "pairs.jsonl" in _all_artifacts(client, stages["distill"].info.run_id)
+    for name in ("rl.stem", "rl.code", "rl.align"):
+        assert client.get_metric_history(stages[name].info.run_id, "filter/dropped_share")
+    for name in [n for n in STAGES if n.startswith("eval_")]:
         assert client.get_metric_history(stages[name].info.run_id, "eval/exact_match")
         assert "eval_samples.jsonl" in _all_artifacts(client, stages[name].info.run_id)
 
@@ -131,10 +149,10 @@ def test_rerun_skips_everything_in_seconds(tiny_run):
     result = pipeline("run", str(TINY), f"workdir={workdir}")
     seconds = time.monotonic() - start
     assert result.returncode == 0
-    assert result.stdout.count("skip (done)") == 7 and "nothing to run" in result.stdout
+    assert result.stdout.count("skip (done)") == len(STAGES) and "nothing to run" in result.stdout
     assert seconds < 15  # measured ~1 s; generous for a loaded CI machine
     status = pipeline("status", str(TINY), f"workdir={workdir}").stdout
-    assert [line.split()[2] for line in status.splitlines()[1:]] == ["done"] * 7
+    assert [line.split()[2] for line in status.splitlines()[1:]] == ["done"] * len(STAGES)
 
 
 def test_ctrl_c_during_pretrain_then_rerun_gives_bitwise_the_same_model(tiny_run):
@@ -174,5 +192,5 @@ def test_override_reruns_only_the_changed_stage(tiny_run):
     after = {n: [d.name for d in ds] for n, ds in stage_dirs(workdir).items()}
     assert all(after[n] == before[n] for n in STAGES if n != "eval_sft")
     assert len(after["eval_sft"]) == 2  # a new eval dir next to the old one
-    assert result.stdout.count("skip (done)") == 6
+    assert result.stdout.count("skip (done)") == len(STAGES) - 1
     assert all((d / "manifest.json").stat().st_mtime == t for d, t in mtimes.items())

@@ -1,0 +1,82 @@
+"""Preference pairs for Dual Preference Distillation: a teacher's positive, the student's negative.
+
+For every prompt the teacher samples some answers and the student samples some. Each answer is
+scored (the task's verifier: 1 right, 0 wrong; or a judge's 0-10 rating scaled to [0, 1]). The
+teacher's best answer is the positive, the student's worst the negative, and the pair is kept only
+when the positive wins by at least `min_margin` (Nanbeige4-3B's pairwise filter). A prompt the
+student already answers perfectly, or that the teacher never gets right, yields no kept pair.
+
+Answers are the assistant text as sampled (thinking block + final answer). Every candidate and its
+score is kept with the pair (provenance), so a filter decision can be audited afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from data_recipes import arithmetic
+from data_recipes.generators import Generator, answer_only
+
+
+@dataclass
+class Pair:
+    id: str
+    """The prompt's id."""
+    prompt: str
+    positive: str
+    negative: str
+    positive_score: float
+    negative_score: float
+    kept: bool
+    teacher_answers: list[str]
+    teacher_scores: list[float]
+    student_answers: list[str]
+    student_scores: list[float]
+
+    @property
+    def margin(self) -> float:
+        return self.positive_score - self.negative_score
+
+
+class Scorer(Protocol):
+    def score(self, prompts: list[str], answers: list[str]) -> list[float]:
+        """A score in [0, 1] for each (prompt, full assistant answer)."""
+
+
+class ArithmeticVerifier:
+    """The arithmetic task's exact checker on the final answer (the thinking block is ignored)."""
+
+    def score(self, prompts: list[str], answers: list[str]) -> list[float]:
+        return [float(arithmetic.check_answer(p, answer_only(a))) for p, a in zip(prompts, answers)]
+
+
+class JudgeScorer:
+    """A judge backend (the generator interface's `score` role) rates every answer."""
+
+    def __init__(self, judge: Generator):
+        self.judge = judge
+
+    def score(self, prompts: list[str], answers: list[str]) -> list[float]:
+        return self.judge.score(prompts, [answer_only(a) for a in answers])
+
+
+def make_pairs(ids: list[str], prompts: list[str], teacher_answers: list[list[str]],
+               student_answers: list[list[str]], scorer: Scorer, min_margin: float) -> list[Pair]:
+    """One pair per prompt (kept or not). `teacher_answers[i]` are prompt i's teacher samples.
+
+    Ties go to the first sample, so the choice is a pure function of the samples."""
+    flat_p, flat_a = [], []
+    for p, t, s in zip(prompts, teacher_answers, student_answers):
+        flat_p += [p] * (len(t) + len(s))
+        flat_a += list(t) + list(s)
+    scores = iter(scorer.score(flat_p, flat_a))  # one batched call: a judge backend batches it
+    pairs = []
+    for pid, p, t, s in zip(ids, prompts, teacher_answers, student_answers):
+        ts = [next(scores) for _ in t]
+        ss = [next(scores) for _ in s]
+        best = max(range(len(t)), key=lambda i: (ts[i], -i))
+        worst = min(range(len(s)), key=lambda i: (ss[i], i))
+        pairs.append(Pair(pid, p, t[best], s[worst], ts[best], ss[worst],
+                          ts[best] - ss[worst] >= min_margin, list(t), ts, list(s), ss))
+    return pairs

@@ -1,0 +1,349 @@
+"""The `rl` stage: one GRPO sub-stage with verifiable (or judged) rewards.
+
+    python -m stages.rl --spec <output_dir>/spec.json
+
+The recipe loader expands an `rl` stage into one stage per sub-stage (pipeline.recipe), so this job
+always runs exactly one: stem, then code, then align, each from the previous one's checkpoint.
+
+1. Pass-rate filter: the starting checkpoint samples `filter.samples` answers per prompt; only
+   prompts it solves sometimes (min_pass < rate < max_pass) are kept: the others give every
+   sample of a group the same reward, hence zero advantage and no gradient. Saved (filter.jsonl).
+2. GRPO, colocated (rollouts and training in this job, from the same weights): each step samples
+   `group_size` answers for `prompts_per_step` prompts with the KV cache (stages.generate),
+   scores them, normalises rewards within each group, then takes `updates_per_batch` optimizer
+   steps of the clipped loss (stages.grpo_loss). Samples cut at max_new_tokens are masked out.
+   Every rollout and its reward goes to rollouts.jsonl (an MLflow artifact).
+
+Resume is bitwise: rollout k is sampled with seed + k from the restored weights, and rewards are
+pure functions of the text. For GPU clusters the rollout engine is the weak point (no paged
+attention, no continuous batching); the path is an OpenAI-compatible vLLM/SGLang server that
+reloads our checkpoint after each step (the generator interface already speaks that protocol).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_recipes.chat import IM_END, Message, encode_prompt, encode_text, parse_assistant
+from data_recipes.generators import build_generator
+from data_recipes.rewards import Task, build_reward, load_tasks
+from data_recipes.tokenizer import tokenizer_of_stage
+from stages import checkpoint as ckpt
+from stages import distributed, job
+from stages.config import RLConfig, checkpoint_model, from_dict
+from stages.contract import MANIFEST, StageSpec, read_json, write_jsonl_atomic
+from stages.distill_loss import masked_mean, token_logps
+from stages.generate import EngineGenerator, SamplingConfig, cut_at_stop, generate, load_checkpoint_model
+from stages.grpo_loss import grpo_loss, group_advantages, token_entropy
+from stages.model import build_model, unwrap
+from stages.optim import build_ddp, build_optimizer, build_scheduler, current_lr
+from stages.pretrain import params_sha256
+from stages.sft import sft_schedule
+from stages.tracking import MetricLogger
+
+
+class Policy:
+    """Prompting and sampling of the policy in the recipe's prompt format."""
+
+    def __init__(self, model, tok, cfg: RLConfig, batch_size: int):
+        self.model, self.tok, self.cfg, self.batch_size = model, tok, cfg, batch_size
+        self.stop_ids = {tok.eod_id}
+        if cfg.prompt_format == "chat":
+            self.stop_ids.add(tok.token_id(IM_END))
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.cfg.prompt_format == "chat":
+            return encode_prompt(self.tok, [Message("user", prompt)])
+        return encode_text(self.tok, self.cfg.completion_template.format(prompt=prompt))
+
+    def sample(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
+        """New tokens of each prompt, batched; batch i uses seed + i (reproducible)."""
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            s = dataclasses.replace(sampling, seed=sampling.seed + i)
+            out += generate(self.model, prompts[i:i + self.batch_size], s, self.stop_ids,
+                            self.tok.vocab_size)
+        return out
+
+    def final_text(self, new: list[int]) -> str:
+        """What a reward sees: the answer without the thinking block, cut at a stop string."""
+        text = cut_at_stop(self.tok.decode([t for t in new if t not in self.stop_ids]),
+                           list(self.cfg.stop))
+        return parse_assistant(text).content if self.cfg.prompt_format == "chat" else text
+
+    def truncated(self, new: list[int], max_new: int) -> bool:
+        return len(new) >= max_new and new[-1] not in self.stop_ids
+
+
+# --- 1. the pass-rate filter -------------------------------------------------------------------
+
+
+def pass_rate_filter(policy: Policy, tasks: list[Task], reward, sub, seed: int) -> list[dict]:
+    """Each task's pass rate over `filter.samples` answers and whether it is kept."""
+    f, g = sub.filter, sub.grpo
+    prompts = [policy.encode(t.prompt) for t in tasks for _ in range(f.samples)]
+    new = policy.sample(prompts, SamplingConfig(g.temperature, g.top_p, g.max_new_tokens, seed))
+    rewards = reward.score(tasks, [policy.final_text(n) for n in new], f.samples)
+    rows = []
+    for k, t in enumerate(tasks):
+        # a judge's win rate is relative, not a pass: count a sample as passed when it won most
+        rate = float(np.mean([r > 0.5 for r in rewards[k * f.samples:(k + 1) * f.samples]]))
+        rows.append({"id": t.id, "prompt": t.prompt, "pass_rate": rate,
+                     "kept": f.min_pass < rate < f.max_pass})
+    return rows
+
+
+# --- 2. GRPO --------------------------------------------------------------------------------------
+
+
+def make_batch(rows: list[tuple[list[int], list[int], bool]], pad_id: int, device):
+    """(prompt ids, new ids, trained?) rows -> right-padded tokens/labels/response mask."""
+    n = max(len(p) + len(r) for p, r, _ in rows) - 1
+    tokens = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.bool)
+    for i, (p, r, trained) in enumerate(rows):
+        ids = p + r
+        tokens[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        labels[i, :len(ids) - 1] = torch.tensor(ids[1:])
+        mask[i, len(p) - 1:len(ids) - 1] = trained  # positions predicting the response tokens
+    return {"tokens": tokens.to(device), "labels": labels.to(device), "mask": mask.to(device),
+            "position_ids": torch.arange(n, device=device).unsqueeze(0).expand(len(rows), -1),
+            "attention_mask": torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool,
+                                                    device=device), diagonal=1)}
+
+
+def forward_logps(model, batch, vocab_size: int, entropy: bool = False):
+    logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                   runtime_gather_output=True)[..., :vocab_size]
+    lp = token_logps(logits, batch["labels"])
+    return lp, (token_entropy(logits.detach()) if entropy else None)
+
+
+def grpo_update(model, optimizer, scheduler, rows, advantages: torch.Tensor, sub, pad_id: int,
+                vocab_size: int, info) -> dict[str, float]:
+    """`updates_per_batch` optimizer steps on one rollout batch (this rank's rows)."""
+    g = sub.grpo
+    micro = [list(range(i, min(i + g.micro_batch_size, len(rows))))
+             for i in range(0, len(rows), g.micro_batch_size)]
+    batches = [make_batch([rows[i] for i in m], pad_id, info.device) for m in micro]
+    tokens = distributed.dp_sum(torch.tensor(float(sum(int(b["mask"].sum()) for b in batches))))
+    seqs = distributed.dp_sum(torch.tensor(float(sum(r[2] for r in rows))))
+    normalizer = max(tokens if g.aggregation == "token" else seqs, 1.0)
+    with torch.no_grad():  # the rollout policy's log-probs: the ratio's denominator
+        old = [forward_logps(model, b, vocab_size)[0] for b in batches]
+    stats: dict[str, float] = {}
+    for u in range(g.updates_per_batch):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        acc = {"pg_loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "approx_kl": 0.0,
+               "entropy": 0.0}
+        for m, b, old_lp in zip(micro, batches, old):
+            lp, ent = forward_logps(model, b, vocab_size, entropy=u == 0)
+            loss, st = grpo_loss(lp, old_lp, advantages[m], b["mask"], g.eps_low, g.eps_high,
+                                 g.aggregation, normalizer=normalizer)
+            (loss * info.dp_size).backward()  # DDP averages; the normalizer is global
+            w = float(b["mask"].sum()) / max(tokens, 1.0)  # token-weighted means of the stats
+            acc["pg_loss"] += float(st["pg_loss"])  # already over the global normalizer
+            for k in ("clip_frac", "ratio_mean", "approx_kl"):
+                acc[k] += float(st[k]) * w
+            if ent is not None:
+                acc["entropy"] += float(masked_mean(ent, b["mask"])) * w
+        model.finish_grad_sync()
+        ok, grad_norm, _ = optimizer.step()
+        assert ok, "optimizer step skipped (non-finite gradients)"
+        scheduler.step(1)
+        if u == 0:
+            stats["entropy"] = distributed.dp_sum(torch.tensor(acc["entropy"]))
+        stats.update({k: distributed.dp_sum(torch.tensor(acc[k])) for k in
+                      ("pg_loss", "clip_frac", "ratio_mean", "approx_kl")})
+        stats["grad_norm"] = float(grad_norm)
+    stats["trained_tokens"] = tokens
+    assert math.isfinite(stats["pg_loss"]), f"loss is {stats['pg_loss']}"
+    return stats
+
+
+def step_tasks(kept: list[Task], step: int, per_step: int, seed: int) -> list[Task]:
+    """The prompts of rollout step `step`: passes over the kept prompts, reshuffled each pass."""
+    out, epoch = [], (step * per_step) // len(kept)
+    start = (step * per_step) % len(kept)
+    while len(out) < per_step:
+        order = np.random.default_rng([seed, epoch]).permutation(len(kept))
+        out += [kept[i] for i in order[start:start + per_step - len(out)]]
+        epoch, start = epoch + 1, 0
+    return out
+
+
+def run(spec: StageSpec) -> dict[str, Any]:
+    cfg = from_dict(RLConfig, spec.config)
+    info = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
+    try:
+        return _run(spec, cfg, info)
+    finally:
+        distributed.teardown()
+
+
+def _run(spec: StageSpec, cfg: RLConfig, info) -> dict[str, Any]:
+    if len(cfg.substages) != 1:
+        raise ValueError("substages: an rl job runs one sub-stage (the recipe loader splits them)")
+    if cfg.parallel.pipeline != 1:
+        raise ValueError("parallel.pipeline > 1 is not supported by the rl loop yet")
+    sub, g, out = cfg.substages[0], cfg.substages[0].grpo, spec.out
+    is_rank0, t_start = info.rank == 0, time.time()
+    tok = tokenizer_of_stage(spec.inputs["tokenizer"])
+    model_cfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["init"]) / MANIFEST),
+                                 cfg.model)
+    seq_length = model_cfg.seq_length
+    judge = None
+    if sub.reward.kind == "judge":
+        jc = sub.reward.judge
+        if jc.kind == "engine":
+            if not spec.inputs.get("judge"):
+                raise ValueError("judge: reward.judge.kind engine needs the rl stage's `judge` "
+                                 "checkpoint stage")
+            jcfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["judge"]) / MANIFEST),
+                                    None)
+            judge = EngineGenerator(load_checkpoint_model(spec.inputs["judge"], jcfg,
+                                                          tok.vocab_size), tok, jc)
+        else:
+            judge = build_generator(jc, out / "http_cache-judge.jsonl")
+    reward = build_reward(sub.reward, judge)
+    tasks = load_tasks(sub.prompts)
+    if not tasks:
+        raise ValueError(f"substages[0].prompts ({sub.name}): the prompt set is empty")
+    per_rank = g.prompts_per_step // info.dp_size
+    if g.prompts_per_step % info.dp_size:
+        raise ValueError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the "
+                         f"data-parallel size ({info.dp_size})")
+
+    total_updates = g.steps * g.updates_per_batch
+    schedule = sft_schedule(g.lr, total_updates, g.prompts_per_step * g.group_size, seq_length,
+                            model_cfg.rotary_base)
+    model = build_ddp(build_model(model_cfg, tok.vocab_size, seq_length))
+    optimizer = build_optimizer(model, cfg.optimizer, schedule)
+    ckpt_root = out / "checkpoints"
+    state = ckpt.resume_or_start(ckpt_root, model, optimizer, spec.inputs["init"],
+                                 {"step": 0, "seconds": 0.0, "last": {}})
+    step = state["step"]
+    scheduler = build_scheduler(optimizer, schedule, cfg.optimizer.weight_decay,
+                                step * g.updates_per_batch)
+    policy = Policy(unwrap(model), tok, cfg, cfg.rollout_batch_size)
+    logger = MetricLogger(spec, info.rank)
+
+    # 1. pass-rate filter, once, with the starting weights (every rank computes it: same seed)
+    filter_file = out / "filter.jsonl"
+    if filter_file.exists():
+        rows = [json.loads(line) for line in filter_file.read_text().splitlines()]
+    elif sub.filter.enabled:
+        t0 = time.time()
+        rows = pass_rate_filter(policy, tasks, reward, sub, cfg.seed + 10 ** 6)
+        if is_rank0:
+            write_jsonl_atomic(filter_file, rows)
+        logger.log(0, {"filter/seconds": time.time() - t0})
+    else:
+        rows = [{"id": t.id, "prompt": t.prompt, "pass_rate": None, "kept": True} for t in tasks]
+    kept_ids = {r["id"] for r in rows if r["kept"]}
+    kept = [t for t in tasks if t.id in kept_ids]
+    rates = [r["pass_rate"] for r in rows if r["pass_rate"] is not None]
+    fstats = {"filter/prompts": len(tasks), "filter/kept": len(kept),
+              "filter/dropped_share": 1 - len(kept) / len(tasks),
+              "filter/too_hard": sum(r <= sub.filter.min_pass for r in rates),
+              "filter/too_easy": sum(r >= sub.filter.max_pass for r in rates),
+              "filter/mean_pass_rate": float(np.mean(rates)) if rates else float("nan")}
+    logger.log(0, fstats)
+    if is_rank0:
+        print(f"{sub.name}: pass-rate filter kept {len(kept)}/{len(tasks)} prompts "
+              f"({fstats['filter/too_hard']} too hard, {fstats['filter/too_easy']} too easy; mean "
+              f"pass rate {fstats['filter/mean_pass_rate']:.2f})", flush=True)
+        if filter_file.exists():
+            logger.artifact(filter_file)
+
+    rollouts_file = out / "rollouts.jsonl"
+    if not kept:  # nothing in the learnable band: hand the starting weights on, say so loudly
+        print(f"{sub.name}: WARNING: no prompt has a pass rate in ({sub.filter.min_pass}, "
+              f"{sub.filter.max_pass}); nothing to train, the checkpoint is passed on unchanged",
+              flush=True)
+        step = g.steps if step == 0 else step
+    t_loop, first_step = time.time(), step
+    while step < g.steps:
+        t0 = time.time()
+        batch_tasks = step_tasks(kept, step, g.prompts_per_step, cfg.seed)
+        mine = batch_tasks[info.dp_rank * per_rank:(info.dp_rank + 1) * per_rank]
+        prompts = [policy.encode(t.prompt) for t in mine for _ in range(g.group_size)]
+        sampling = SamplingConfig(g.temperature, g.top_p, g.max_new_tokens,
+                                  cfg.seed + 1000 * step + info.dp_rank)
+        new = policy.sample(prompts, sampling)
+        rollout_s = time.time() - t0
+        texts = [policy.final_text(n) for n in new]
+        t1 = time.time()
+        rewards = reward.score(mine, texts, g.group_size)
+        reward_s = time.time() - t1
+        truncated = [policy.truncated(n, g.max_new_tokens) for n in new]
+        adv = group_advantages(torch.tensor(rewards).view(len(mine), g.group_size),
+                               g.normalize_std).flatten().to(info.device)
+        rows = [(p, n, not (g.mask_truncated and cut)) for p, n, cut in zip(prompts, new, truncated)]
+        t2 = time.time()
+        lr = current_lr(optimizer)
+        stats = grpo_update(model, optimizer, scheduler, rows, adv, sub, tok.pad_id,
+                            tok.vocab_size, info)
+        train_s = time.time() - t2
+        step += 1
+        r = torch.tensor(rewards)
+        new_tokens = distributed.dp_sum(torch.tensor(float(sum(len(n) for n in new))))
+        metrics = {"reward/mean": distributed.dp_sum(r.sum()) / (len(r) * info.dp_size),
+                   "reward/std": float(r.std()) if len(r) > 1 else 0.0,
+                   "pass_rate": distributed.dp_sum((r > 0.5).float().sum()) / (len(r) * info.dp_size),
+                   "response_length": new_tokens / (len(r) * info.dp_size),
+                   "truncated_share": sum(truncated) / len(truncated),
+                   "rollout_s": rollout_s, "reward_s": reward_s, "train_s": train_s,
+                   "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9), "lr": lr,
+                   **{k: v for k, v in stats.items()}}
+        logger.log(step - 1, metrics)
+        state["last"] = metrics
+        if is_rank0:
+            with open(rollouts_file, "a", encoding="utf-8") as f:
+                for i, (n, text) in enumerate(zip(new, texts)):
+                    f.write(json.dumps({"step": step - 1, "prompt": mine[i // g.group_size].prompt,
+                                        "response": tok.decode(n), "final": text,
+                                        "reward": rewards[i], "advantage": float(adv[i]),
+                                        "truncated": truncated[i]}) + "\n")
+            if step % cfg.log_every == 0 or step == g.steps:
+                eta = (time.time() - t_loop) / (step - first_step) * (g.steps - step)
+                print(f"{sub.name} step {step}/{g.steps} | reward {metrics['reward/mean']:.3f} "
+                      f"| pass {metrics['pass_rate']:.2f} | len {metrics['response_length']:.0f} "
+                      f"| clip {stats['clip_frac']:.3f} | entropy {stats['entropy']:.3f} | "
+                      f"rollout {rollout_s:.1f}s train {train_s:.1f}s | ETA {eta:,.0f}s",
+                      flush=True)
+        preempt = distributed.all_agree(job.preempt_requested())
+        if step % cfg.checkpoint_every == 0 or step == g.steps or preempt:
+            state.update(step=step, seconds=distributed.all_max(state["seconds"] + time.time()
+                                                                - t_start))
+            t_start = time.time()
+            path = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state,
+                                        keep=cfg.keep_checkpoints)
+        if preempt and step < g.steps:
+            logger.close()
+            raise job.Preempted(f"checkpoint {path.name} written at step {step}")
+    if not ckpt.complete_checkpoints(ckpt_root):  # the no-prompt case: pass the weights on
+        state.update(step=step)
+        ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state, keep=cfg.keep_checkpoints)
+    if is_rank0 and rollouts_file.exists():
+        logger.artifact(rollouts_file)
+    logger.close()
+    return {"substage": sub.name, "final_step": step, "final": state["last"],
+            **{k.replace("/", "_"): v for k, v in fstats.items()},
+            "checkpoint": str(ckpt.step_dir(ckpt_root, step)),
+            "params_sha256": params_sha256(model), "model": dataclasses.asdict(model_cfg),
+            "seconds": state["seconds"] + time.time() - t_start}
+
+
+if __name__ == "__main__":
+    job.main(run)
