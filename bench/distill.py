@@ -20,7 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"all three terms": {}, "no DPO": {"dpo_weight": 0.0},
             "no KD on positives": {"positive_weight": 0.0},
-            "no KD on negatives": {"negative_weight": 0.0}}
+            "no KD on negatives": {"negative_weight": 0.0},
+            "DPO weight 0.1": {"dpo_weight": 0.1},
+            "DPO length-normalised": {"length_normalize": True}}
 
 
 def finished(workdir: Path, name: str) -> Path:
@@ -43,28 +45,31 @@ def run_job(module: str, spec: dict, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("workdir", type=Path)
-    ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2],
+                    help="more seeds (data order) for --seed-variants")
+    ap.add_argument("--seed-variants", nargs="*", default=["all three terms"])
     args = ap.parse_args()
     base, base_eval = finished(args.workdir, "distill"), finished(args.workdir, "eval_distill")
     sft_eval = finished(args.workdir, "eval_sft")
     spec = json.loads((base / "spec.json").read_text())
     eval_spec = json.loads((base_eval / "spec.json").read_text())
     root = args.workdir / "bench_distill"
-    runs = [(name, w, spec["config"]["seed"]) for name, w in VARIANTS.items()]
-    runs += [("all three terms", {}, spec["config"]["seed"] + s) for s in args.seeds]
+    runs = [(name, w, spec["config"]["seed"] + s) for s in [0] + args.seeds
+            for name, w in VARIANTS.items() if s == 0 or name in args.seed_variants]
     sft = json.loads((sft_eval / "manifest.json").read_text())
     print(f"student after SFT: exact match {sft['exact_match']:.2f}")
-    print("| variant | seed | exact match | held-out KD+ before -> after | KD- before -> after | "
-          "DPO acc (held out) | ms/step |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | seed | exact match | answered | held-out KD+ before -> after | "
+          "KD- before -> after | DPO acc (held out) | ms/step |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, weights, seed in runs:
         tag = f"{name.replace(' ', '_')}-seed{seed}"
         out = root / tag
         out.mkdir(parents=True, exist_ok=True)
-        for f in ("pairs.jsonl", "reference_logps.json"):
-            shutil.copy(base / f, out / f)
         cfg = {**spec["config"], "seed": seed,
                "loss": {**spec["config"]["loss"], **weights}}
+        shutil.copy(base / "pairs.jsonl", out / "pairs.jsonl")
+        if cfg["loss"]["length_normalize"] == spec["config"]["loss"]["length_normalize"]:
+            shutil.copy(base / "reference_logps.json", out / "reference_logps.json")
         m = run_job("stages.distill", {**spec, "config": cfg}, out)
         ev = run_job("stages.eval", {**eval_spec, "inputs": {**eval_spec["inputs"],
                                                              "init": str(out)}}, root / f"eval-{tag}")
@@ -72,7 +77,7 @@ def main() -> None:
         last = held[str(max(int(k) for k in held))]
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         ms = [r["step_s"] * 1000 for r in steps if "step_s" in r]
-        print(f"| {name} | {seed} | {ev['exact_match']:.2f} | "
+        print(f"| {name} | {seed} | {ev['exact_match']:.2f} | {ev['answered']:.2f} | "
               f"{held['0']['heldout/kd_positive']:.4f} -> {last['heldout/kd_positive']:.4f} | "
               f"{held['0']['heldout/kd_negative']:.4f} -> {last['heldout/kd_negative']:.4f} | "
               f"{last['heldout/dpo_accuracy']:.2f} | {sum(ms) / len(ms):.0f} |", flush=True)

@@ -1,8 +1,9 @@
 """The generator interface of SFT data construction, and its HTTP and oracle backends.
 
 A `Generator` completes chats (`complete`). The refinement roles (draft, checklist, evaluate,
-revise, reconstruct CoT) are prompts over `complete` defined once here, so any chat model can play
-any role; a programmatic oracle overrides the roles it can do exactly. The third backend, a
+revise, reconstruct CoT) and the judge roles (score, prefer) are prompts over `complete` defined
+once here, so any chat model can play any role; a programmatic oracle (data_recipes.oracles)
+overrides the roles it can do exactly. The third backend, a
 pipeline checkpoint sampled with the engine, is `stages.generate.EngineGenerator` (it needs torch).
 
 Every role method is batched: lists in, lists out, in order.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import threading
 import time
@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_recipes import arithmetic
 from data_recipes.chat import Message, parse_assistant
 from stages.config import GeneratorConfig
 
@@ -244,107 +243,12 @@ class HTTPGenerator(Generator):
                 os.fsync(f.fileno())
 
 
-# --------------------------------------------------------------------------------------------
-# Oracles: programmatic solvers and checkers for verifiable tasks
-
-
-class ArithmeticOracle(Generator):
-    """Solves and checks `What is A op B?` exactly, with the worked steps of data_recipes.arithmetic.
-
-    `error_rate` makes a share of its answers (drafts and revisions) wrong on purpose, decided by
-    a hash of (seed, role, input), so a rerun makes the same mistakes.
-    """
-
-    CHECKLIST = ["The last line is 'Answer: <integer>'.",
-                 "The answer is the exact result.",
-                 "The work is shown step by step."]
-
-    def __init__(self, cfg: GeneratorConfig):
-        self.cfg = cfg
-
-    def _rng(self, *parts: str) -> random.Random:
-        h = hashlib.sha256("\x00".join((str(self.cfg.seed),) + parts).encode()).hexdigest()
-        return random.Random(int(h[:16], 16))
-
-    def _problem(self, prompt: str) -> dict:
-        solved = arithmetic.solve(prompt)
-        if solved is None:
-            raise GenerationError(f"the arithmetic oracle cannot read the prompt {prompt[:80]!r}")
-        return solved
-
-    def _solve(self, prompt: str, *why: str) -> str:
-        p = self._problem(prompt)
-        answer = p["answer"]
-        rng = self._rng(prompt, *why)
-        if rng.random() < self.cfg.error_rate:
-            answer += rng.choice([-10, -2, -1, 1, 2, 10])
-        return "\n".join(p["steps"] + [f"Answer: {answer}"])
-
-    def complete(self, chats):
-        raise GenerationError("the arithmetic oracle only plays the refinement roles, it does not chat")
-
-    def draft(self, prompts):
-        return [self._solve(p, "draft") for p in prompts]
-
-    def checklist(self, prompts):
-        return [list(self.CHECKLIST) for _ in prompts]
-
-    def evaluate(self, prompts, checklists, answers):
-        out = []
-        for prompt, items, answer in zip(prompts, checklists, answers):
-            unknown = [i for i in items if i not in self.CHECKLIST]
-            if unknown:
-                raise GenerationError(f"the arithmetic oracle cannot judge checklist item "
-                                      f"{unknown[0]!r}; use it as the first evaluator")
-            verdicts = []
-            for item in items:
-                if item == self.CHECKLIST[0]:
-                    ok = bool(re.search(r"Answer:\s*-?\d+\s*$", answer))
-                    why = "" if ok else "End with a line 'Answer: <integer>'."
-                elif item == self.CHECKLIST[1]:
-                    ok = arithmetic.check_answer(prompt, answer)
-                    why = "" if ok else "The final answer is wrong: redo the computation."
-                else:
-                    ok = bool(re.search(r"^(column|partial|sum)", answer, re.MULTILINE))
-                    why = "" if ok else "Show the column-by-column work."
-                verdicts.append(Verdict(item, ok, why))
-            out.append(verdicts)
-        return out
-
-    def revise(self, prompts, answers, critiques):
-        return [self._solve(p, "revise", a, *c) for p, a, c in zip(prompts, answers, critiques)]
-
-    def score(self, prompts, answers):
-        return [float(arithmetic.check_answer(p, answer_only(a))) for p, a in zip(prompts, answers)]
-
-    def prefer(self, prompts, a, b):
-        """A right answer beats a wrong one; between two equally right ones, the shorter wins (a
-        programmatic stand-in for a preference model that likes concise answers)."""
-        out = []
-        for p, x, y in zip(prompts, a, b):
-            x, y = answer_only(x), answer_only(y)
-            key_x = (arithmetic.check_answer(p, x), -len(x))
-            key_y = (arithmetic.check_answer(p, y), -len(y))
-            out.append(0.5 if key_x == key_y else float(key_x > key_y))
-        return out
-
-    def reconstruct_cot(self, prompts, answers):
-        out = []
-        for prompt, answer in zip(prompts, answers):
-            steps = self._problem(prompt)["steps"]
-            final = re.findall(r"Answer:\s*(-?\d+)", answer)
-            result = final[-1] if final else answer.strip()
-            out.append(CoT("Work through the digits column by column, then state the result.",
-                           "\n".join(steps + [f"So the result is {result}."])))
-        return out
-
-
 def build_generator(cfg: GeneratorConfig, cache_path: str | os.PathLike) -> Generator:
     """An http or oracle backend (engine backends are built by the stage, which holds the model)."""
     if cfg.kind == "http":
         return HTTPGenerator(cfg, cache_path)
     if cfg.kind == "oracle":
-        if cfg.task != "arithmetic":
-            raise ValueError(f"task: {cfg.task!r}: the only oracle task is arithmetic")
-        return ArithmeticOracle(cfg)
+        from data_recipes.oracles import build_oracle
+
+        return build_oracle(cfg)
     raise ValueError(f"kind: {cfg.kind!r} is built by the stage job (engine)")

@@ -142,12 +142,13 @@ def _print_slurm_scripts(graph) -> None:
 def _status(graph) -> int:
     from pipeline.state import stage_state
 
-    print(f"{'stage':<14}{'kind':<11}{'state':<13}{'mlflow run':<34}output")
+    w = max(len(n) for n in graph) + 2
+    print(f"{'stage':<{w}}{'kind':<11}{'state':<13}{'mlflow run':<34}output")
     for name, node in graph.items():
         st = stage_state(node.output_dir)
-        print(f"{name:<14}{node.kind:<11}{st.state:<13}{st.run_id or '-':<34}{node.output_dir}")
+        print(f"{name:<{w}}{node.kind:<11}{st.state:<13}{st.run_id or '-':<34}{node.output_dir}")
         if st.detail and st.state != "done":
-            print(f"{'':<14}{st.detail}")
+            print(f"{'':<{w}}{st.detail}")
     return 0
 
 

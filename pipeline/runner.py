@@ -57,8 +57,9 @@ def run_graph(graph: dict[str, StageNode], make_tracker, *, ray_address: str | N
     with WorkdirLock(workdir):
         states = {name: stage_state(node.output_dir).state for name, node in graph.items()}
         todo = [name for name in graph if states[name] != "done"]
+        w = max(len(n) for n in graph)
         for name, node in graph.items():
-            print(f"  {name:<14} {node.kind:<10} {_plan_word(node, name in todo):<12}"
+            print(f"  {name:<{w}} {node.kind:<10} {_plan_word(node, name in todo):<12}"
                   f" {node.output_dir}", flush=True)
         if not todo:
             print(f"all {len(graph)} stages are complete; nothing to run")

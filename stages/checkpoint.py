@@ -214,6 +214,26 @@ def resume_or_start(root: str | os.PathLike, model, optimizer, init: str | None,
     return fresh
 
 
+def save_at_step_end(root: str | os.PathLike, step: int, last_step: int, due: bool, model,
+                     optimizer, state: dict[str, Any], keep: int, logger, t_start: float) -> float:
+    """The end of a training step (collective): a checkpoint when `due`, at the last step, or
+    when a preemption was asked for, and then stop (job.Preempted). `state["seconds"]` adds up the
+    training time, agreed on by all ranks (common state must match). Returns the clock's restart."""
+    import time
+
+    from stages import distributed, job
+
+    preempt = distributed.all_agree(job.preempt_requested())
+    if due or step == last_step or preempt:
+        state.update(step=step, seconds=distributed.all_max(state["seconds"] + time.time() - t_start))
+        t_start = time.time()
+        path = save_checkpoint(root, step, model, optimizer, state, keep=keep)
+    if preempt and step < last_step:
+        logger.close()
+        raise job.Preempted(f"checkpoint {path.name} written at step {step}")
+    return t_start
+
+
 def load_model_weights_only(path: str | os.PathLike, model) -> None:
     """Initialise `model` from another stage's checkpoint (a checkpoint dir, or the `checkpoints`
     root / stage output dir holding them, in which case the latest complete one is used)."""

@@ -329,8 +329,8 @@ class GeneratorConfig:
     kind: str = "oracle"
     """engine (the checkpoint of the stage's `engine` ref) | http (an OpenAI-compatible
     chat-completions endpoint) | oracle (a programmatic solver/checker for a verifiable task)."""
-    task: str = "arithmetic"
-    """oracle: the task it solves and checks."""
+    task: str = "auto"
+    """oracle: the task it solves and checks: arithmetic | code | auto (each prompt by its kind)."""
     error_rate: float = 0.0
     """oracle: the share of its answers it gets wrong on purpose (a stand-in for a fallible teacher)."""
     url: str = ""
@@ -371,6 +371,8 @@ class SFTDataConfig:
     kind: str = "sft_data"
     after: list[str] = field(default_factory=list)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    more_prompts: list[PromptsConfig] = field(default_factory=list)
+    """Further prompt sets refined alongside `prompts` (e.g. coding tasks next to arithmetic)."""
     engine: Optional[str] = ref(None)
     """The stage whose latest checkpoint backs every `kind: engine` role."""
     tokenizer: Optional[str] = ref(None)

@@ -450,16 +450,10 @@ def _run(spec: StageSpec, cfg: DistillConfig, info) -> dict[str, Any]:
             if is_rank0:
                 print("held out: " + " | ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in h.items()),
                       flush=True)
-        preempt = distributed.all_agree(job.preempt_requested())
-        if step % cfg.checkpoint_every == 0 or step == total_steps or preempt:
-            state.update(step=step, scheduler_steps=scheduler.num_steps,
-                         seconds=distributed.all_max(state["seconds"] + time.time() - t_start))
-            t_start = time.time()
-            path = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state,
-                                        keep=cfg.keep_checkpoints)
-        if preempt and step < total_steps:
-            logger.close()
-            raise job.Preempted(f"checkpoint {path.name} written at step {step}")
+        state["scheduler_steps"] = scheduler.num_steps
+        t_start = ckpt.save_at_step_end(ckpt_root, step, total_steps,
+                                        step % cfg.checkpoint_every == 0, model, optimizer, state,
+                                        cfg.keep_checkpoints, logger, t_start)
     logger.close()
     return {"final_step": step, "final": state["last"], "heldout": state["heldout"],
             **{k.replace("/", "_"): v for k, v in pair_stats.items()},

@@ -4,7 +4,9 @@
 
 Greedy exact match of the final answer, and pass@k from `samples` sampled answers per prompt
 (the unbiased estimator of Chen et al. 2021: 1 - C(n-c, k) / C(n, k)). The task's verifier
-decides correctness (arithmetic: data_recipes.arithmetic.check_answer on the `Answer: N` line).
+decides correctness: arithmetic, data_recipes.arithmetic.check_answer on the `Answer: N` line;
+code, the task's public and private asserts run in the sandbox; jsonl, the math verifier
+against the file's answers (data_recipes.rewards).
 A chat-tuned model is prompted with the chat template; a base model with `completion_template`.
 Every prompt, answer and verdict goes to eval_samples.jsonl (an MLflow artifact).
 """
@@ -20,10 +22,10 @@ from typing import Any
 
 from data_recipes.arithmetic import check_answer
 from data_recipes.chat import Message, parse_assistant
-from data_recipes.prompts import load_prompts
+from data_recipes.rewards import Task, build_reward, load_tasks
 from data_recipes.tokenizer import tokenizer_of_stage
 from stages import distributed, job
-from stages.config import EvalConfig, GeneratorConfig, checkpoint_model, from_dict
+from stages.config import EvalConfig, GeneratorConfig, RewardConfig, checkpoint_model, from_dict
 from stages.contract import MANIFEST, StageSpec, read_json
 from stages.generate import EngineGenerator, load_checkpoint_model
 from stages.tracking import MetricLogger
@@ -41,25 +43,29 @@ def final_text(text: str, prompt_format: str) -> str:
     return parse_assistant(text).content if prompt_format == "chat" else text
 
 
-def score(prompts: list[str], texts: list[str], prompt_format: str) -> list[bool]:
-    """Exact match of each generation's final answer."""
-    return [check_answer(p, final_text(t, prompt_format)) for p, t in zip(prompts, texts)]
+def score(tasks: list[Task], texts: list[str], prompt_format: str, kind: str = "arithmetic",
+          ) -> list[bool]:
+    """Exact match of each generation's final answer (passing every test, for code)."""
+    finals = [final_text(t, prompt_format) for t in texts]
+    if kind == "arithmetic":
+        return [check_answer(task.prompt, f) for task, f in zip(tasks, finals)]
+    reward = build_reward(RewardConfig(kind="code" if kind == "code" else "math"))
+    return [r == 1.0 for r in reward.score(tasks, finals, 1)]
 
 
-def answered(texts: list[str], prompt_format: str) -> float:
-    """The share of generations that end in a well-formed `Answer: N` line, right or wrong: a
-    model can learn the format before it learns the task."""
-    return sum(bool(_ANSWER_LINE.search(final_text(t, prompt_format))) for t in texts) / len(texts)
+def answered(texts: list[str], prompt_format: str, kind: str = "arithmetic") -> float:
+    """The share of generations in the expected form, right or wrong (an `Answer: N` last line; a
+    code block with a function): a model can learn the format before it learns the task."""
+    form = _FUNCTION if kind == "code" else _ANSWER_LINE
+    return sum(bool(form.search(final_text(t, prompt_format))) for t in texts) / len(texts)
 
 
 _ANSWER_LINE = re.compile(r"Answer:\s*-?\d+\s*$")
+_FUNCTION = re.compile(r"```python\n\s*def ")
 
 
 def run(spec: StageSpec) -> dict[str, Any]:
     cfg = from_dict(EvalConfig, spec.config)
-    if cfg.prompts.kind != "arithmetic":
-        raise ValueError(f"prompts.kind: {cfg.prompts.kind!r} has no verifier yet; eval supports "
-                         "arithmetic")
     info = distributed.init(seed=cfg.seed)
     try:
         if info.world_size != 1:
@@ -69,8 +75,11 @@ def run(spec: StageSpec) -> dict[str, Any]:
         model_cfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["init"]) / MANIFEST),
                                      cfg.model)
         model = load_checkpoint_model(spec.inputs["init"], model_cfg, tok.vocab_size)
-        prompts = load_prompts(cfg.prompts)
-        chats = [[Message("user", p.text)] for p in prompts]
+        tasks, kind = load_tasks(cfg.prompts), cfg.prompts.kind
+        if kind == "jsonl" and any(t.answer is None for t in tasks):
+            raise ValueError(f"prompts.answer_field: every line of {cfg.prompts.path} needs a "
+                             f"{cfg.prompts.answer_field!r} to be scored")
+        chats = [[Message("user", t.prompt)] for t in tasks]
         logger = MetricLogger(spec)
 
         def answers(temperature: float, seed: int) -> list[str]:
@@ -81,25 +90,24 @@ def run(spec: StageSpec) -> dict[str, Any]:
                 stop=list(cfg.stop)))
             return gen.complete(chats)
 
-        texts = [p.text for p in prompts]
         greedy = answers(0.0, cfg.seed)
-        greedy_ok = score(texts, greedy, cfg.prompt_format)
+        greedy_ok = score(tasks, greedy, cfg.prompt_format, kind)
         sampled = [answers(cfg.temperature, cfg.seed + 1 + j) for j in range(cfg.samples)]
-        per_sample = [score(texts, s, cfg.prompt_format) for s in sampled]
-        correct = [sum(ok[i] for ok in per_sample) for i in range(len(prompts))]
-        result: dict[str, Any] = {"prompts": len(prompts),
-                                  "exact_match": sum(greedy_ok) / len(prompts),
-                                  "answered": answered(greedy, cfg.prompt_format)}
+        per_sample = [score(tasks, s, cfg.prompt_format, kind) for s in sampled]
+        correct = [sum(ok[i] for ok in per_sample) for i in range(len(tasks))]
+        result: dict[str, Any] = {"prompts": len(tasks),
+                                  "exact_match": sum(greedy_ok) / len(tasks),
+                                  "answered": answered(greedy, cfg.prompt_format, kind)}
         if cfg.samples:
             for k in cfg.k:
                 result[f"pass_at_{k}"] = sum(pass_at_k(cfg.samples, c, k)
-                                          for c in correct) / len(prompts)
+                                          for c in correct) / len(tasks)
         result["seconds"] = time.time() - t0
         logger.log(0, {f"eval/{k}": v for k, v in result.items()})
         table = spec.out / "eval_samples.jsonl"
         with open(table, "w", encoding="utf-8") as f:
-            for i, p in enumerate(prompts):
-                f.write(json.dumps({"prompt": p.text, "greedy": greedy[i], "correct": greedy_ok[i],
+            for i, t in enumerate(tasks):
+                f.write(json.dumps({"prompt": t.prompt, "greedy": greedy[i], "correct": greedy_ok[i],
                                     "sampled_correct": correct[i],
                                     "sampled": [s[i] for s in sampled]}) + "\n")
         logger.artifact(table)

@@ -215,19 +215,11 @@ def run(spec: StageSpec) -> dict[str, Any]:
                                      mask, info)
                 state["eval_losses"][phase.name] = eval_loss
                 logger.log(step - 1, {"eval/loss": eval_loss, f"eval/{phase.name}/loss": eval_loss})
-            preempt = distributed.all_agree(job.preempt_requested())
-            if step % cfg.checkpoint_every == 0 or phase_end or preempt:
-                state.update(step=step, scheduler_steps=scheduler.num_steps,
-                             data={"phase": phase.index,
-                                   "next_sample": samples.stop},
-                             # common state must match on all ranks: agree on the clock
-                             seconds=distributed.all_max(state["seconds"] + time.time() - t_start))
-                t_start = time.time()
-                path = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state,
-                                            keep=cfg.keep_checkpoints)
-            if preempt and step < schedule.total_steps:
-                logger.close()
-                raise job.Preempted(f"checkpoint {path.name} written at step {step}")
+            state.update(scheduler_steps=scheduler.num_steps,
+                         data={"phase": phase.index, "next_sample": samples.stop})
+            t_start = ckpt.save_at_step_end(ckpt_root, step, schedule.total_steps,
+                                            step % cfg.checkpoint_every == 0 or phase_end, model,
+                                            optimizer, state, cfg.keep_checkpoints, logger, t_start)
 
         logger.close()
         final = ckpt.step_dir(ckpt_root, schedule.total_steps)

@@ -322,16 +322,9 @@ def _run(spec: StageSpec, cfg: RLConfig, info) -> dict[str, Any]:
                       f"| clip {stats['clip_frac']:.3f} | entropy {stats['entropy']:.3f} | "
                       f"rollout {rollout_s:.1f}s train {train_s:.1f}s | ETA {eta:,.0f}s",
                       flush=True)
-        preempt = distributed.all_agree(job.preempt_requested())
-        if step % cfg.checkpoint_every == 0 or step == g.steps or preempt:
-            state.update(step=step, seconds=distributed.all_max(state["seconds"] + time.time()
-                                                                - t_start))
-            t_start = time.time()
-            path = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state,
-                                        keep=cfg.keep_checkpoints)
-        if preempt and step < g.steps:
-            logger.close()
-            raise job.Preempted(f"checkpoint {path.name} written at step {step}")
+        t_start = ckpt.save_at_step_end(ckpt_root, step, g.steps, step % cfg.checkpoint_every == 0,
+                                        model, optimizer, state, cfg.keep_checkpoints, logger,
+                                        t_start)
     if not ckpt.complete_checkpoints(ckpt_root):  # the no-prompt case: pass the weights on
         state.update(step=step)
         ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state, keep=cfg.keep_checkpoints)

@@ -201,16 +201,10 @@ def run(spec: StageSpec) -> dict[str, Any]:
                 logger.log(step - 1, {"heldout/loss": h})
                 if is_rank0:
                     print(f"epoch {ended[-1] + 1} done: held-out loss {h:.4f}", flush=True)
-            preempt = distributed.all_agree(job.preempt_requested())
-            if step % cfg.checkpoint_every == 0 or step == total_steps or preempt:
-                state.update(step=step, scheduler_steps=scheduler.num_steps,
-                             seconds=distributed.all_max(state["seconds"] + time.time() - t_start))
-                t_start = time.time()
-                path = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state,
-                                            keep=cfg.keep_checkpoints)
-            if preempt and step < total_steps:
-                logger.close()
-                raise job.Preempted(f"checkpoint {path.name} written at step {step}")
+            state["scheduler_steps"] = scheduler.num_steps
+            t_start = ckpt.save_at_step_end(ckpt_root, step, total_steps,
+                                            step % cfg.checkpoint_every == 0, model, optimizer,
+                                            state, cfg.keep_checkpoints, logger, t_start)
         logger.close()
         return {"final_step": step, "final_loss": state["loss"], "heldout_loss": state["heldout"],
                 "samples": len(train), "heldout_samples": len(held), "truncated": truncated,

@@ -125,7 +125,7 @@ def _run(spec: StageSpec) -> dict[str, Any]:
     records_dir = out / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricLogger(spec)
-    prompts = load_prompts(cfg.prompts)
+    prompts = [p for pc in [cfg.prompts, *cfg.more_prompts] for p in load_prompts(pc)]
     if not prompts:
         raise ValueError("prompts: the prompt set is empty")
     done = read_records(records_dir)

@@ -15,7 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from data_recipes import generators as g
-from data_recipes.generators import ArithmeticOracle
+from data_recipes.oracles import ArithmeticOracle
 from stages.config import GeneratorConfig
 
 ROLE_OF_SYSTEM = {g.DRAFT_SYSTEM: "draft", g.CHECKLIST_SYSTEM: "checklist",

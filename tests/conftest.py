@@ -1,6 +1,9 @@
 import os
 import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,43 @@ def slurm_cluster(tmp_path_factory):
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+# --- stage jobs run as the launcher runs them -----------------------------------------------------
+
+def start_job(module: str, spec: Path) -> subprocess.Popen:
+    """`python -m <module> --spec spec` in its own session (one thread), output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", module, "--spec", str(spec)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish_job(proc: subprocess.Popen, expect: int = 0, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == expect, out[-4000:]
+    return out
+
+
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    from stages.checkpoint import latest_checkpoint
+
+    deadline = time.time() + timeout
+    while latest_checkpoint(out / "checkpoints") is None:
+        assert proc.poll() is None, "job ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.005)
+
+
+def sigkill_at_first_checkpoint_then_rerun(module: str, spec: Path) -> str:
+    """SIGKILL a job's whole process group once it has a checkpoint, rerun it to the end; the
+    rerun's output (which says where it resumed from)."""
+    out_dir = spec.parent
+    proc = start_job(module, spec)
+    wait_for_checkpoint(out_dir, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out_dir / "manifest.json").exists(), "finished before it was killed"
+    out = finish_job(start_job(module, spec))
+    assert "resumed from" in out
+    return out

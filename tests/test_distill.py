@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,12 +16,14 @@ import torch
 
 from data_recipes.arithmetic import iter_arithmetic_documents
 from data_recipes.chat import SPECIAL_TOKENS
-from data_recipes.generators import ArithmeticOracle, parse_score
+from data_recipes.generators import parse_score
+from data_recipes.oracles import ArithmeticOracle
 from data_recipes.pairs import ArithmeticVerifier, JudgeScorer, make_pairs
 from data_recipes.tokenize import train_sentencepiece
 from data_recipes.tokenizer import SentencePieceTokenizer, tokenizer_mismatch
 from stages.config import (DistillConfig, DistillLossConfig, GeneratorConfig, ModelConfig,
                            PairFilterConfig, PromptsConfig, SFTLRConfig)
+from conftest import finish_job, sigkill_at_first_checkpoint_then_rerun, start_job
 from stages.contract import StageSpec, read_json, save_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,23 +136,14 @@ def distill_spec(out: Path, inputs: dict[str, str], cfg: DistillConfig = DISTILL
                                output_dir=str(out), inputs=inputs, model=asdict(STUDENT)))
 
 
-def start(spec: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "stages.distill", "--spec", str(spec)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, expect: int = 0) -> str:
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == expect, out[-4000:]
-    return out
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, inputs) -> Path:
     out = tmp_path_factory.mktemp("distill_uninterrupted")
-    finish(start(distill_spec(out, inputs)))
+    finish_job(start_job("stages.distill", distill_spec(out, inputs)))
     return out
 
 
@@ -179,16 +168,7 @@ def test_distill_samples_pairs_and_moves_the_student_toward_the_teacher(referenc
 
 @pytest.mark.slow
 def test_distill_resume_after_sigkill_is_bitwise_identical(reference, inputs, tmp_path):
-    from test_pretrain import wait_for_checkpoint
-
-    spec = distill_spec(tmp_path, inputs)
-    proc = start(spec)
-    wait_for_checkpoint(tmp_path, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "manifest.json").exists(), "finished before it was killed"
-    out = finish(start(spec))
-    assert "resumed from" in out
+    out = sigkill_at_first_checkpoint_then_rerun("stages.distill", distill_spec(tmp_path, inputs))
     assert "to sample" not in out  # the pairs were finished before the kill: reused, not resampled
     got, want = read_json(tmp_path / "manifest.json"), read_json(reference / "manifest.json")
     assert got["params_sha256"] == want["params_sha256"]
@@ -202,8 +182,8 @@ def test_a_teacher_tokenizer_mismatch_fails_before_any_work(inputs, tmp_path):
         json.dumps({"model_file": other.model_file}))
     cfg = dataclasses.replace(DISTILL, teacher_tokenizer="other_tok")
     out = tmp_path / "run"
-    log = finish(start(distill_spec(out, {**inputs, "teacher_tokenizer": str(tmp_path / "other_tok")},
-                                    cfg)), expect=1)
+    spec = distill_spec(out, {**inputs, "teacher_tokenizer": str(tmp_path / "other_tok")}, cfg)
+    log = finish_job(start_job("stages.distill", spec), expect=1)
     assert "teacher_tokenizer: the teacher's tokenizer is not the student's: vocab sizes differ " \
            "(400 vs 380)" in log
     assert not (out / "records").exists() and not (out / "checkpoints").exists()

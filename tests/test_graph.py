@@ -17,7 +17,7 @@ def test_hash_is_stable_and_dirs_are_name_dash_hash8():
     assert list(graph) == ["tokenizer", "prepare", "pretrain", "eval_base", "sft_data", "sft",
                            "eval_sft", "teacher_pretrain", "teacher_sft", "eval_teacher", "distill",
                            "eval_distill", "rl.stem", "rl.code", "rl.align", "eval_rl_stem",
-                           "eval_rl"]
+                           "eval_code_before", "eval_code_after", "eval_rl"]
     assert hashes() == hashes()
     for name, node in graph.items():
         assert node.output_dir.name == f"{name}-{node.hash[:8]}"
@@ -26,7 +26,7 @@ def test_hash_is_stable_and_dirs_are_name_dash_hash8():
 def test_override_reruns_the_stage_and_its_downstream_only():
     base = hashes()
     after_sft = ["distill", "eval_distill", "rl.stem", "rl.code", "rl.align", "eval_rl_stem",
-                 "eval_rl"]
+                 "eval_code_before", "eval_code_after", "eval_rl"]
     # the student's pretraining feeds SFT data, hence the teacher's SFT too (not its pretraining)
     after_pretrain = ["pretrain", "eval_base", "sft_data", "sft", "eval_sft", "teacher_sft",
                       "eval_teacher"] + after_sft

@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +16,7 @@ import pytest
 import torch
 
 from stages.config import LRConfig, ModelConfig, PhaseConfig, PretrainConfig, pretrain_schedule
+from conftest import finish_job, sigkill_at_first_checkpoint_then_rerun, start_job, wait_for_checkpoint
 from stages.contract import EXIT_PREEMPTED, StageSpec, read_json, save_spec
 
 pytestmark = pytest.mark.slow
@@ -75,27 +73,10 @@ def write_spec(out: Path, data: Path) -> Path:
     return save_spec(spec)
 
 
-def start(spec: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "stages.pretrain", "--spec", str(spec)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, expect: int = 0) -> str:
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == expect, out[-4000:]
-    return out
 
 
-def wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    from stages.checkpoint import latest_checkpoint
-
-    deadline = time.time() + timeout
-    while latest_checkpoint(out / "checkpoints") is None:
-        assert proc.poll() is None, "job ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.005)
 
 
 def records(out: Path) -> list[dict]:
@@ -111,7 +92,7 @@ def data(tmp_path_factory) -> Path:
 def reference(tmp_path_factory, data) -> Path:
     """The uninterrupted run."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    finish(start(write_spec(out, data)))
+    finish_job(start_job("stages.pretrain", write_spec(out, data)))
     return out
 
 
@@ -152,13 +133,7 @@ def test_data_order_is_exact_per_phase(reference):
 
 
 def test_sigkill_then_rerun_is_bitwise_identical(reference, data, tmp_path):
-    spec = write_spec(tmp_path, data)
-    proc = start(spec)
-    wait_for_checkpoint(tmp_path, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "manifest.json").exists(), "the job finished before it was killed"
-    finish(start(spec))
+    sigkill_at_first_checkpoint_then_rerun("stages.pretrain", write_spec(tmp_path, data))
     assert (read_json(tmp_path / "manifest.json")["params_sha256"]
             == read_json(reference / "manifest.json")["params_sha256"])
     assert records(tmp_path) == records(reference)
@@ -168,17 +143,17 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference, data, tmp_path):
 
 def test_sigterm_checkpoints_exits_75_and_resumes(reference, data, tmp_path):
     spec = write_spec(tmp_path, data)
-    proc = start(spec)
+    proc = start_job("stages.pretrain", spec)
     wait_for_checkpoint(tmp_path, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as Slurm and torchrun do
-    out = finish(proc, expect=EXIT_PREEMPTED)
+    out = finish_job(proc, expect=EXIT_PREEMPTED)
     status = read_json(tmp_path / "exit.json")
     assert status["status"] == "preempted"
     step = int(status["detail"].rsplit(" ", 1)[-1])
     assert 0 < step < TOTAL_STEPS, out
     assert (tmp_path / "checkpoints" / f"step-{step:06d}" / "complete.json").exists()
     assert len(records(tmp_path)) == step
-    finish(start(spec))
+    finish_job(start_job("stages.pretrain", spec))
     assert (read_json(tmp_path / "manifest.json")["params_sha256"]
             == read_json(reference / "manifest.json")["params_sha256"])
     assert records(tmp_path) == records(reference)

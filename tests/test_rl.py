@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from data_recipes.generators import ArithmeticOracle
+from data_recipes.oracles import ArithmeticOracle
 from data_recipes.rewards import JudgeReward, build_reward, load_tasks
 from pipeline.recipe import RecipeError, load_recipe
 from stages.config import (GeneratorConfig, GRPOConfig, PassRateFilterConfig, PromptsConfig,
                            RewardConfig, RLConfig, RLSubstageConfig, SFTLRConfig)
+from conftest import finish_job, sigkill_at_first_checkpoint_then_rerun, start_job
 from stages.contract import StageSpec, read_json, save_spec
 from test_distill import STUDENT, inputs, tok  # noqa: F401  (fixtures: a tokenizer, checkpoints)
 
@@ -41,7 +38,8 @@ def test_rl_substages_become_chained_stages_with_their_own_hashes():
     before = {n: node.hash for n, node in build_graph(recipe).items()}
     changed = load_recipe(TINY, ["workdir=/tmp/unused", "stages.rl.substages.1.grpo.steps=3"])
     after = {n: node.hash for n, node in build_graph(changed).items()}
-    assert [n for n in before if before[n] != after[n]] == ["rl.code", "rl.align", "eval_rl"]
+    assert [n for n in before if before[n] != after[n]] == ["rl.code", "rl.align", "eval_code_after",
+                                                           "eval_rl"]
 
 
 def test_rl_recipe_errors_name_the_substage_key():
@@ -147,23 +145,14 @@ def rl_spec(out: Path, inputs: dict, cfg: RLConfig = RL) -> Path:
                                model=asdict(STUDENT)))
 
 
-def start(spec: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "stages.rl", "--spec", str(spec)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
 
 
-def finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, inputs) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("rl_uninterrupted")
-    finish(start(rl_spec(out, inputs)))
+    finish_job(start_job("stages.rl", rl_spec(out, inputs)))
     return out
 
 
@@ -187,16 +176,7 @@ def test_grpo_stage_logs_every_step_and_every_rollout(reference):
 
 @pytest.mark.slow
 def test_rl_substage_resume_after_sigkill_is_bitwise_identical(reference, inputs, tmp_path):  # noqa: F811
-    from test_pretrain import wait_for_checkpoint
-
-    spec = rl_spec(tmp_path, inputs)
-    proc = start(spec)
-    wait_for_checkpoint(tmp_path, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "manifest.json").exists(), "finished before it was killed"
-    out = finish(start(spec))
-    assert "resumed from" in out
+    sigkill_at_first_checkpoint_then_rerun("stages.rl", rl_spec(tmp_path, inputs))
     got, want = read_json(tmp_path / "manifest.json"), read_json(reference / "manifest.json")
     assert got["params_sha256"] == want["params_sha256"]
     assert got["final"]["reward/mean"] == want["final"]["reward/mean"]
@@ -208,7 +188,7 @@ def test_rl_from_a_base_model_with_nothing_in_the_band_passes_the_weights_on(inp
     sub = dataclasses.replace(JUDGED, name="stem", reward=RewardConfig(kind="math"),
                               filter=PassRateFilterConfig(samples=2))
     cfg = dataclasses.replace(RL, substages=[sub], prompt_format="completion")
-    out = finish(start(rl_spec(tmp_path, inputs, cfg)))
+    out = finish_job(start_job("stages.rl", rl_spec(tmp_path, inputs, cfg)))
     assert "filter kept 0/12 prompts (12 too hard" in out and "nothing to train" in out
     m = read_json(tmp_path / "manifest.json")
     assert m["filter_kept"] == 0 and m["filter_dropped_share"] == 1.0

@@ -28,16 +28,17 @@ def hostile(code: str, limits: SandboxLimits = FAST) -> sandbox.SandboxResult:
     return res
 
 
-def sandbox_processes() -> list[int]:
-    """Pids of processes running as a sandbox uid, anywhere on the machine."""
+def sandbox_processes(uid: int | None = None) -> list[int]:
+    """Pids of processes running as a sandbox uid (or as this one), anywhere on the machine."""
     pids = []
     for name in os.listdir("/proc"):
         try:
             status = Path("/proc", name, "status").read_text() if name.isdigit() else ""
         except OSError:
             continue
-        uid = int(status.split("\nUid:\t", 1)[1].split("\t", 1)[0]) if "\nUid:" in status else 0
-        if sandbox._UID_BASE <= uid < sandbox._UID_BASE + sandbox._UID_SPAN:
+        found = int(status.split("\nUid:\t", 1)[1].split("\t", 1)[0]) if "\nUid:" in status else 0
+        if (found == uid if uid is not None else
+                sandbox._UID_BASE <= found < sandbox._UID_BASE + sandbox._UID_SPAN):
             pids.append(int(name))
     return pids
 
@@ -138,6 +139,7 @@ def test_fork_bomb_is_stopped_and_leaves_nothing_behind():
     limits = SandboxLimits(cpu_seconds=2, wall_seconds=2, max_processes=16)
     code = """
 import os, signal, time
+print(os.getuid(), flush=True)  # this run's uid: other sandboxes may run on the machine meanwhile
 n = 0
 try:
     while True:
@@ -158,11 +160,12 @@ while True:
     start = time.monotonic()
     res = hostile(code, limits)
     assert res.status == "timeout" and time.monotonic() - start < 8
-    assert 0 < int(res.stdout) < limits.max_processes  # RLIMIT_NPROC held, although we are root
+    uid, forked = map(int, res.stdout.split())
+    assert 0 < forked < limits.max_processes  # RLIMIT_NPROC held, although we are root
     deadline = time.monotonic() + 3
-    while (os.geteuid() == 0 and sandbox_processes()) and time.monotonic() < deadline:
+    while (os.geteuid() == 0 and sandbox_processes(uid)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert os.geteuid() != 0 or sandbox_processes() == []
+    assert os.geteuid() != 0 or sandbox_processes(uid) == []
     assert Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().strip() == ""
 
 

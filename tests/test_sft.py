@@ -6,10 +6,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,13 +16,14 @@ import torch
 from data_recipes.arithmetic import iter_arithmetic_documents
 from data_recipes.chat import (SPECIAL_TOKENS, Message, encode_chat, encode_prompt, encode_text,
                                parse_assistant, render)
-from data_recipes.generators import ArithmeticOracle
+from data_recipes.oracles import ArithmeticOracle
 from data_recipes.prompts import load_prompts
 from data_recipes.refine import RefineRoles, refine
 from data_recipes.sft_pack import attention_mask, build_sequence, pack
 from data_recipes.tokenize import train_sentencepiece
 from data_recipes.tokenizer import SentencePieceTokenizer
 from stages.config import (GeneratorConfig, ModelConfig, PromptsConfig, SFTConfig, SFTLRConfig)
+from conftest import finish_job, sigkill_at_first_checkpoint_then_rerun, start_job
 from stages.contract import StageSpec, read_json, save_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,17 +175,8 @@ def sft_spec(out: Path, inputs: dict[str, str]) -> Path:
                                inputs=inputs, model=asdict(MODEL)))
 
 
-def start(spec: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "stages.sft", "--spec", str(spec)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
 
 
-def finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +187,7 @@ def inputs(tmp_path_factory, tok) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, inputs) -> Path:
     out = tmp_path_factory.mktemp("sft_uninterrupted")
-    finish(start(sft_spec(out, inputs)))
+    finish_job(start_job("stages.sft", sft_spec(out, inputs)))
     return out
 
 
@@ -216,16 +204,7 @@ def test_sft_trains_on_assistant_tokens_and_measures_held_out_loss(reference):
 
 @pytest.mark.slow
 def test_sft_resume_after_sigkill_is_bitwise_identical(reference, inputs, tmp_path):
-    from test_pretrain import wait_for_checkpoint
-
-    spec = sft_spec(tmp_path, inputs)
-    proc = start(spec)
-    wait_for_checkpoint(tmp_path, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "manifest.json").exists(), "finished before it was killed"
-    out = finish(start(spec))
-    assert "resumed from" in out
+    sigkill_at_first_checkpoint_then_rerun("stages.sft", sft_spec(tmp_path, inputs))
     got, want = read_json(tmp_path / "manifest.json"), read_json(reference / "manifest.json")
     assert got["params_sha256"] == want["params_sha256"]
     assert got["heldout_loss"] == want["heldout_loss"] and got["final_loss"] == want["final_loss"]
@@ -234,9 +213,12 @@ def test_sft_resume_after_sigkill_is_bitwise_identical(reference, inputs, tmp_pa
 # --- eval scoring -----------------------------------------------------------------------------------
 
 def test_eval_scores_known_outputs():
+    from data_recipes.rewards import Task, load_tasks
+    from data_recipes.verifiers import make_code_tasks
     from stages.eval import answered, score
 
-    prompts = ["What is 12 + 5?", "What is 9 * 9?", "What is 7 - 3?", "What is 2 + 2?"]
+    prompts = [Task(str(i), p) for i, p in enumerate(
+        ["What is 12 + 5?", "What is 9 * 9?", "What is 7 - 3?", "What is 2 + 2?"])]
     chat = ["<think>\n2 + 5 = 7\n</think>\n\nAnswer: 17",   # right
             "<think>\nAnswer: 81\n</think>\n\nAnswer: 18",  # the thinking is not the answer
             "Answer: 4",                                    # right, no thinking block
@@ -245,6 +227,11 @@ def test_eval_scores_known_outputs():
     completion = ["column 1: ...\nAnswer: 17", "Answer: 81", "Answer: 5", "4"]
     assert score(prompts, completion, "completion") == [True, True, False, True]
     assert answered(chat, "chat") == 0.75 and answered(completion, "completion") == 0.75
+    code = load_tasks(PromptsConfig(kind="code", num=1, seed=0))
+    right = next(t.solution for t in make_code_tasks(300, 0) if t.id == code[0].id)
+    texts = [f"<think>\n\n</think>\n\n```python\n{right}```", "<think>\n</think>\n\nno code"]
+    assert score(code * 2, texts, "chat", "code") == [True, False]
+    assert answered(texts, "chat", "code") == 0.5
 
 
 def test_pass_at_k_matches_its_definition():

@@ -16,7 +16,8 @@ import pytest
 
 from data_recipes.arithmetic import check_answer
 from data_recipes.chat import Message
-from data_recipes.generators import ArithmeticOracle, GenerationError, HTTPGenerator
+from data_recipes.generators import GenerationError, HTTPGenerator
+from data_recipes.oracles import ArithmeticOracle
 from data_recipes.prompts import in_heldout, load_prompts
 from data_recipes.refine import RefineRoles, refine, round_stats
 from stages.config import GeneratorConfig, PromptsConfig, SFTDataConfig

@@ -20,7 +20,8 @@ from conftest import REPO, default_sigint
 TINY = REPO / "recipes" / "tiny.yaml"
 STAGES = ("tokenizer", "prepare", "pretrain", "eval_base", "sft_data", "sft", "eval_sft",
           "teacher_pretrain", "teacher_sft", "eval_teacher", "distill", "eval_distill",
-          "rl.stem", "rl.code", "rl.align", "eval_rl_stem", "eval_rl")
+          "rl.stem", "rl.code", "rl.align", "eval_rl_stem", "eval_code_before", "eval_code_after",
+          "eval_rl")
 pytestmark = pytest.mark.slow
 
 
