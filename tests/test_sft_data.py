@@ -217,3 +217,25 @@ def test_sft_data_on_ray_workers_makes_the_same_data_as_one_process(tmp_path):
     assert 0 < one["accepted"] < 30 and one["rounds"] == two["rounds"]
     assert Path(one["data"]).read_text() == Path(two["data"]).read_text()
     assert len(list((tmp_path / "two" / "records").glob("shard-*.jsonl"))) == 4
+
+
+def test_code_and_arithmetic_prompts_are_each_refined_by_their_own_oracle():
+    from data_recipes.oracles import build_oracle
+    from data_recipes.verifiers import score_code
+
+    prompts = (load_prompts(PromptsConfig(kind="code", num=6, seed=1)) +
+               load_prompts(PromptsConfig(num=3, max_digits=1)))
+    fallible, exact = build_oracle(GeneratorConfig(error_rate=0.5)), build_oracle(GeneratorConfig())
+    samples = refine(prompts, RefineRoles(fallible, [exact], fallible, exact), max_rounds=4)
+    assert {s.id for s in samples} == {p.id for p in prompts}
+    code = [s for s in samples if s.prompt.startswith("Write a one-line Python function")]
+    assert len(code) == 6 and any(len(s.rounds) > 1 for s in samples)  # some drafts were wrong
+    for s in code:
+        if s.status == "accepted":  # the accepted answer passes the task's asserts, and says why
+            answer = s.messages[-1]["content"]
+            tests = [line for line in s.prompt.splitlines() if line.startswith("assert")]
+            assert answer.startswith("```python\ndef ") and score_code(answer, tests).reward == 1.0
+            assert "so the body is `return " in s.messages[-1]["reasoning"]
+    arith = [s for s in samples if s not in code]
+    assert all(s.final_answer.splitlines()[-1].startswith("Answer: ") for s in arith
+               if s.status == "accepted")
