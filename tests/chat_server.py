@@ -19,7 +19,8 @@ from data_recipes.oracles import ArithmeticOracle
 from stages.config import GeneratorConfig
 
 ROLE_OF_SYSTEM = {g.DRAFT_SYSTEM: "draft", g.CHECKLIST_SYSTEM: "checklist",
-                  g.EVALUATE_SYSTEM: "evaluate", g.REVISE_SYSTEM: "revise", g.COT_SYSTEM: "cot"}
+                  g.EVALUATE_SYSTEM: "evaluate", g.REVISE_SYSTEM: "revise", g.COT_SYSTEM: "cot",
+                  g.JUDGE_SYSTEM: "score", g.PREFER_SYSTEM: "prefer"}
 
 
 def _section(text: str, name: str) -> str:
@@ -95,6 +96,14 @@ class ChatServer:
                              for i, v in enumerate(verdicts, 1))
         if role == "revise":
             return self.fixer.draft([prompt])[0]
+        if role == "score":  # a judge that answers in words around its rating
+            ok = self.fixer.score([prompt], [user.split("Answer:\n", 1)[1]])[0]
+            return f"Fair enough. Score: {10 * ok:.0f}"
+        if role == "prefer":
+            a = _section(user, "Answer A")
+            b = user.split("Answer B:\n", 1)[1]
+            p = self.fixer.prefer([prompt], [a], [b])[0]
+            return {1.0: "A", 0.0: "B"}.get(p, "Both are equally good.")
         cot = self.oracle.reconstruct_cot([prompt], [user.split("Final answer:\n", 1)[1]])[0]
         return f"Summary: {cot.summary}\nReasoning: {cot.reasoning}"
 

@@ -193,3 +193,26 @@ def test_rl_from_a_base_model_with_nothing_in_the_band_passes_the_weights_on(inp
     m = read_json(tmp_path / "manifest.json")
     assert m["filter_kept"] == 0 and m["filter_dropped_share"] == 1.0
     assert (tmp_path / "checkpoints").is_dir() and m["final_step"] == sub.grpo.steps
+
+
+def test_an_http_judge_scores_pairs_and_ranks_rollouts_over_real_http(tmp_path):
+    """The judge roles go through the generator interface: the same prompts reach a chat model."""
+    from chat_server import ChatServer
+    from data_recipes.generators import build_generator
+    from data_recipes.pairs import JudgeScorer, make_pairs
+
+    task = load_tasks(PromptsConfig(num=1, max_digits=1, seed=2))
+    ans = task[0].answer
+    group = [f"Answer: {ans}", f"long work first\nAnswer: {ans}", "Answer: -1", "Answer: -1"]
+    with ChatServer() as server:
+        judge = build_generator(GeneratorConfig(kind="http", url=server.url, model="judge"),
+                                tmp_path / "cache.jsonl")
+        rewards = build_reward(RewardConfig(kind="judge"), judge).score(task, group, 4)
+        pairs = make_pairs(["a"], [task[0].prompt], [group[:1]], [group[2:3]], JudgeScorer(judge),
+                           0.5)
+    assert rewards == [1.0, pytest.approx(2 / 3), pytest.approx(1 / 6), pytest.approx(1 / 6)]
+    assert pairs[0].kept and pairs[0].margin == 1.0
+    assert {role for role, _ in server.requests} == {"prefer", "score"}
+    # 12 ordered comparisons, both orders; the two identical wrong answers make 5 of them repeats,
+    # which the backend's cache answers without a request
+    assert sum(role == "prefer" for role, _ in server.requests) == 12 - 5
