@@ -431,7 +431,8 @@ def _run(spec: StageSpec, cfg: DistillConfig, info) -> dict[str, Any]:
         t_step = time.time()
         metrics = train_step(model, optimizer, teacher_view, *args, idx, cfg, tok.pad_id, vocab,
                              info)
-        metrics.update(lr=lr, step_s=time.time() - t_step, epoch=epoch_of[step * per_step])
+        metrics.update(lr=lr, step_s=distributed.all_max(time.time() - t_step),  # ranks agree
+                       epoch=epoch_of[step * per_step])
         scheduler.step(1)
         step += 1
         state["last"] = metrics

@@ -266,7 +266,13 @@ def _run(spec: StageSpec, cfg: RLConfig, info) -> dict[str, Any]:
         if filter_file.exists():
             logger.artifact(filter_file)
 
-    rollouts_file = out / "rollouts.jsonl"
+    # every rank writes its own rollouts; rows of steps after the checkpoint we resumed from were
+    # written by a killed run and are sampled again
+    rollouts_file = out / ("rollouts.jsonl" if is_rank0 else f"rollouts.rank{info.rank}.jsonl")
+    if rollouts_file.exists():
+        rows_before = [line for line in rollouts_file.read_text().splitlines()
+                       if json.loads(line)["step"] < step]
+        write_jsonl_atomic(rollouts_file, [json.loads(line) for line in rows_before])
     if not kept:  # nothing in the learnable band: hand the starting weights on, say so loudly
         print(f"{sub.name}: WARNING: no prompt has a pass rate in ({sub.filter.min_pass}, "
               f"{sub.filter.max_pass}); nothing to train, the checkpoint is passed on unchanged",
@@ -296,40 +302,45 @@ def _run(spec: StageSpec, cfg: RLConfig, info) -> dict[str, Any]:
                             tok.vocab_size, info)
         train_s = time.time() - t2
         step += 1
-        r = torch.tensor(rewards)
-        new_tokens = distributed.dp_sum(torch.tensor(float(sum(len(n) for n in new))))
-        metrics = {"reward/mean": distributed.dp_sum(r.sum()) / (len(r) * info.dp_size),
-                   "reward/std": float(r.std()) if len(r) > 1 else 0.0,
-                   "pass_rate": distributed.dp_sum((r > 0.5).float().sum()) / (len(r) * info.dp_size),
-                   "response_length": new_tokens / (len(r) * info.dp_size),
-                   "truncated_share": sum(truncated) / len(truncated),
+        # every metric is over all ranks (they go into the checkpoint's common state too)
+        r = torch.tensor(rewards, dtype=torch.float64)
+        n = len(r) * info.dp_size
+        mean = distributed.dp_sum(r.sum()) / n
+        new_tokens = distributed.dp_sum(torch.tensor(float(sum(len(x) for x in new))))
+        rollout_s, reward_s, train_s = (distributed.all_max(t) for t in (rollout_s, reward_s,
+                                                                           train_s))
+        metrics = {"reward/mean": mean,
+                   "reward/std": math.sqrt(max(distributed.dp_sum(((r - mean) ** 2).sum()), 0.0)
+                                           / max(n - 1, 1)),
+                   "pass_rate": distributed.dp_sum((r > 0.5).double().sum()) / n,
+                   "response_length": new_tokens / n,
+                   "truncated_share": distributed.dp_sum(torch.tensor(float(sum(truncated)))) / n,
                    "rollout_s": rollout_s, "reward_s": reward_s, "train_s": train_s,
-                   "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9), "lr": lr,
-                   **{k: v for k, v in stats.items()}}
+                   "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9), "lr": lr, **stats}
         logger.log(step - 1, metrics)
         state["last"] = metrics
-        if is_rank0:
-            with open(rollouts_file, "a", encoding="utf-8") as f:
-                for i, (n, text) in enumerate(zip(new, texts)):
-                    f.write(json.dumps({"step": step - 1, "prompt": mine[i // g.group_size].prompt,
-                                        "response": tok.decode(n), "final": text,
-                                        "reward": rewards[i], "advantage": float(adv[i]),
-                                        "truncated": truncated[i]}) + "\n")
-            if step % cfg.log_every == 0 or step == g.steps:
-                eta = (time.time() - t_loop) / (step - first_step) * (g.steps - step)
-                print(f"{sub.name} step {step}/{g.steps} | reward {metrics['reward/mean']:.3f} "
-                      f"| pass {metrics['pass_rate']:.2f} | len {metrics['response_length']:.0f} "
-                      f"| clip {stats['clip_frac']:.3f} | entropy {stats['entropy']:.3f} | "
-                      f"rollout {rollout_s:.1f}s train {train_s:.1f}s | ETA {eta:,.0f}s",
-                      flush=True)
+        with open(rollouts_file, "a", encoding="utf-8") as f:
+            for i, (n, text) in enumerate(zip(new, texts)):
+                f.write(json.dumps({"step": step - 1, "prompt": mine[i // g.group_size].prompt,
+                                    "response": tok.decode(n), "final": text,
+                                    "reward": rewards[i], "advantage": float(adv[i]),
+                                    "truncated": truncated[i]}) + "\n")
+        if is_rank0 and (step % cfg.log_every == 0 or step == g.steps):
+            eta = (time.time() - t_loop) / (step - first_step) * (g.steps - step)
+            print(f"{sub.name} step {step}/{g.steps} | reward {metrics['reward/mean']:.3f} "
+                  f"| pass {metrics['pass_rate']:.2f} | len {metrics['response_length']:.0f} "
+                  f"| clip {stats['clip_frac']:.3f} | entropy {stats['entropy']:.3f} | "
+                  f"rollout {rollout_s:.1f}s train {train_s:.1f}s | ETA {eta:,.0f}s", flush=True)
         t_start = ckpt.save_at_step_end(ckpt_root, step, g.steps, step % cfg.checkpoint_every == 0,
                                         model, optimizer, state, cfg.keep_checkpoints, logger,
                                         t_start)
     if not ckpt.complete_checkpoints(ckpt_root):  # the no-prompt case: pass the weights on
         state.update(step=step)
         ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state, keep=cfg.keep_checkpoints)
-    if is_rank0 and rollouts_file.exists():
-        logger.artifact(rollouts_file)
+    distributed.barrier()  # every rank's rollouts are written
+    if is_rank0:
+        for f in sorted(out.glob("rollouts*.jsonl")):
+            logger.artifact(f)
     logger.close()
     return {"substage": sub.name, "final_step": step, "final": state["last"],
             **{k.replace("/", "_"): v for k, v in fstats.items()},

@@ -135,7 +135,8 @@ JUDGED = RLSubstageConfig(
     reward=RewardConfig(kind="judge", judge=GeneratorConfig(kind="oracle")),
     filter=PassRateFilterConfig(enabled=False),
     grpo=GRPOConfig(steps=4, prompts_per_step=2, group_size=4, updates_per_batch=2,
-                    micro_batch_size=4, max_new_tokens=16, lr=SFTLRConfig(max=1e-3, min=1e-3)))
+                    micro_batch_size=4, max_new_tokens=16, lr=SFTLRConfig(max=1e-3, min=1e-3),
+                    mask_truncated=False))  # a random model never stops: train on cut samples too
 RL = RLConfig(tokenizer="tok", init="student", substages=[JUDGED], seed=9, checkpoint_every=2)
 
 
@@ -165,7 +166,9 @@ def test_grpo_stage_logs_every_step_and_every_rollout(reference):
     for key in ("reward/std", "pass_rate", "response_length", "clip_frac", "entropy",
                 "rollout_s", "train_s", "ratio_mean"):
         assert all(key in r for r in steps), key
+    assert all(r["trained_tokens"] > 0 and r["entropy"] > 0 for r in steps)
     # two optimizer steps per rollout batch: the second is off-policy, so the ratio moved
+    assert all(r["ratio_mean"] > 0 for r in steps)
     assert any(r["ratio_mean"] != pytest.approx(1.0, abs=1e-7) for r in steps)
     rollouts = [json.loads(line) for line in (reference / "rollouts.jsonl").read_text().splitlines()]
     assert len(rollouts) == 4 * 2 * 4
@@ -216,3 +219,34 @@ def test_an_http_judge_scores_pairs_and_ranks_rollouts_over_real_http(tmp_path):
     # 12 ordered comparisons, both orders; the two identical wrong answers make 5 of them repeats,
     # which the backend's cache answers without a request
     assert sum(role == "prefer" for role, _ in server.requests) == 12 - 5
+
+
+def test_truncated_samples_get_no_loss():
+    from stages.rl import make_batch
+
+    batch = make_batch([([1, 2, 3], [4, 5], True), ([1, 2], [6, 7, 8], False)], 0, "cpu")
+    # row 0: positions 2 and 3 predict the response tokens 4 and 5; row 1 is not trained at all
+    assert batch["mask"].tolist() == [[False, False, True, True], [False, False, False, False]]
+    assert batch["labels"][0, 2:4].tolist() == [4, 5]
+
+
+@pytest.mark.slow
+def test_rollouts_shared_out_over_two_data_parallel_ranks(inputs, tmp_path):  # noqa: F811
+    """`launcher.nproc_per_node: 2`: each rank samples and scores its share of the prompts; the
+    metrics are over both ranks and the checkpoint's common state agrees."""
+    import os
+    import subprocess
+    import sys
+
+    spec = rl_spec(tmp_path, inputs)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", "-m", "stages.rl", "--spec", str(spec)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "differs" not in run.stdout + run.stderr  # no rank-specific common state
+    m = read_json(tmp_path / "manifest.json")
+    assert m["final_step"] == 4 and m["final"]["trained_tokens"] > 0
+    per_rank = [len((tmp_path / f).read_text().splitlines())
+                for f in ("rollouts.jsonl", "rollouts.rank1.jsonl")]
+    assert per_rank == [4 * 1 * 4, 4 * 1 * 4]  # 4 steps x 1 prompt per rank x 4 samples
