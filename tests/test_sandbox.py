@@ -111,7 +111,9 @@ def test_cannot_write_outside_its_directory(tmp_path):
     for p in shared + targets[:1]:
         code += f"try:\n    open({str(p)!r}, 'w').write('x')\nexcept OSError:\n    pass\n"
     res = hostile(code + f"open({str(targets[1])!r}, 'w').write('x')\n")
-    assert "PermissionError" in res.stderr
+    # refused, or not there at all when the checkout lies under /tmp (private in the sandbox)
+    assert "PermissionError" in res.stderr or ("FileNotFoundError" in res.stderr
+                                               and str(targets[1]).startswith("/tmp/"))
     assert not any(p.exists() for p in targets)
     if isolation() != "plain":  # there they are private tmpfs that vanished with the run
         assert not any(p.exists() for p in shared)
@@ -157,6 +159,8 @@ while True:
     except OSError:
         pass
 """
+    ours = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    before = set(ours.read_text().split())  # e.g. multiprocessing helpers of earlier tests
     start = time.monotonic()
     res = hostile(code, limits)
     assert res.status == "timeout" and time.monotonic() - start < 8
@@ -166,7 +170,7 @@ while True:
     while (os.geteuid() == 0 and sandbox_processes(uid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert os.geteuid() != 0 or sandbox_processes(uid) == []
-    assert Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().strip() == ""
+    assert set(ours.read_text().split()) <= before
 
 
 def test_memory_bomb():
