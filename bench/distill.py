@@ -4,8 +4,9 @@
 
 Every variant reuses the run's sampled pairs and reference log-probs (copied into its own dir, so
 only the loss and data order differ), trains the student with `python -m stages.distill`, and
-evaluates it like `eval_distill`. Prints a table: held-out exact match, the teacher-student
-divergence on held-out pairs before/after, DPO accuracy, and ms per step.
+evaluates it like `eval_distill`. Prints a table: held-out exact match and the share of answers in
+the `Answer: N` form, the teacher-student divergence on held-out pairs before/after, held-out DPO
+accuracy, and ms per step.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {"all three terms": {}, "no DPO": {"dpo_weight": 0.0},
+VARIANTS = {"all three terms": {},  # the recipe's loss "no DPO": {"dpo_weight": 0.0},
             "no KD on positives": {"positive_weight": 0.0},
             "no KD on negatives": {"negative_weight": 0.0},
             "DPO weight 0.1": {"dpo_weight": 0.1},
-            "DPO length-normalised": {"length_normalize": True}}
+            "DPO length-normalised": {"length_normalize": True},
+            "DPO on summed log-probs": {"length_normalize": False}}
 
 
 def finished(workdir: Path, name: str) -> Path:
@@ -54,8 +56,11 @@ def main() -> None:
     spec = json.loads((base / "spec.json").read_text())
     eval_spec = json.loads((base_eval / "spec.json").read_text())
     root = args.workdir / "bench_distill"
+    loss = spec["config"]["loss"]
+    variants = {n: w for n, w in VARIANTS.items()  # a variant that is the run's own loss is not one
+                if not w or any(loss[k] != v for k, v in w.items())}
     runs = [(name, w, spec["config"]["seed"] + s) for s in [0] + args.seeds
-            for name, w in VARIANTS.items() if s == 0 or name in args.seed_variants]
+            for name, w in variants.items() if s == 0 or name in args.seed_variants]
     sft = json.loads((sft_eval / "manifest.json").read_text())
     print(f"student after SFT: exact match {sft['exact_match']:.2f}")
     print("| variant | seed | exact match | answered | held-out KD+ before -> after | "
