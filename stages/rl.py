@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_recipes.chat import IM_END, Message, encode_prompt, encode_text, parse_assistant
+from data_recipes.chat import IM_END, Message, encode_prompt, encode_text
 from data_recipes.generators import build_generator
 from data_recipes.rewards import Task, build_reward, load_tasks
 from data_recipes.tokenizer import tokenizer_of_stage
@@ -41,6 +41,7 @@ from stages import distributed, job
 from stages.config import RLConfig, checkpoint_model, from_dict
 from stages.contract import MANIFEST, StageSpec, read_json, write_jsonl_atomic
 from stages.distill_loss import masked_mean, token_logps
+from stages.eval import final_text
 from stages.generate import EngineGenerator, SamplingConfig, cut_at_stop, generate, load_checkpoint_model
 from stages.grpo_loss import grpo_loss, group_advantages, token_entropy
 from stages.model import build_model, unwrap
@@ -77,7 +78,7 @@ class Policy:
         """What a reward sees: the answer without the thinking block, cut at a stop string."""
         text = cut_at_stop(self.tok.decode([t for t in new if t not in self.stop_ids]),
                            list(self.cfg.stop))
-        return parse_assistant(text).content if self.cfg.prompt_format == "chat" else text
+        return final_text(text, self.cfg.prompt_format)  # scored as eval scores it
 
     def truncated(self, new: list[int], max_new: int) -> bool:
         return len(new) >= max_new and new[-1] not in self.stop_ids
