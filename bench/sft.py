@@ -8,7 +8,7 @@
     of ~60-200 tokens packed to seq 256, per-sample block-causal mask and positions, loss on
     assistant tokens only, stages.sft.train_step). Best round's median.
 (b) Generation (the sft_data engine backend and eval): new tokens/s and samples/s of
-    stages.generate.generate with the KV cache, batch 32, 64 new tokens, vs recomputing the whole
+    stages.engine.generate.generate with the KV cache, batch 32, 64 new tokens, vs recomputing the whole
     prefix every token (what generation without a cache costs).
 """
 
@@ -22,7 +22,9 @@ import warnings
 
 import torch
 
-from stages.config import ModelConfig, OptimizerConfig, SFTConfig, SFTLRConfig
+from stages.configs.model import ModelConfig
+from stages.configs.base import OptimizerConfig, PostTrainingLRConfig
+from stages.configs.post_training import SFTConfig
 
 VOCAB = 4096
 
@@ -36,17 +38,18 @@ def shape(args) -> ModelConfig:
 
 def bench_steps(args, info) -> tuple[float, float]:
     from data_recipes.sft_pack import pack
-    from stages.model import build_model
-    from stages.optim import build_ddp, build_optimizer
+    from stages.engine.model import build_model
+    from stages.engine.optim import build_ddp, build_optimizer
     from stages.pretrain import lm_loss
-    from stages.sft import sft_schedule, train_step
+    from schedulers.post_training import post_training_schedule
+    from stages.sft import train_step
 
     cfg = shape(args)
     model = build_ddp(build_model(cfg, VOCAB, cfg.seq_length))
     sft_cfg = SFTConfig(tokenizer="t", data="d", global_batch_size=args.batch,
-                        micro_batch_size=args.batch, lr=SFTLRConfig(warmup_steps=0))
+                        micro_batch_size=args.batch, lr=PostTrainingLRConfig(warmup_steps=0))
     optimizer = build_optimizer(model, OptimizerConfig(),
-                                sft_schedule(sft_cfg.lr, 100, sft_cfg.global_batch_size,
+                                post_training_schedule(sft_cfg.lr, 100, sft_cfg.global_batch_size,
                                              cfg.seq_length, cfg.rotary_base))
     rng = random.Random(0)
     encoded = []
@@ -89,8 +92,8 @@ def bench_steps(args, info) -> tuple[float, float]:
 
 
 def bench_generation(args) -> tuple[float, float, float]:
-    from stages.generate import SamplingConfig, generate
-    from stages.model import build_model
+    from stages.engine.generate import SamplingConfig, generate
+    from stages.engine.model import build_model
 
     cfg = shape(args)
     model = build_model(cfg, VOCAB, 512).eval()
@@ -125,7 +128,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from stages import distributed
+    from stages.engine import distributed
 
     info = distributed.init(seed=0)
     pre, sft = bench_steps(args, info)

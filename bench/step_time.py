@@ -22,7 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stages.config import LRConfig, ModelConfig, OptimizerConfig, PhaseConfig, PretrainConfig, \
+from stages.configs.pretrain import LRConfig, PhaseConfig, PretrainConfig
+from stages.configs.model import ModelConfig
+from stages.configs.base import OptimizerConfig
+from stages.configs import \
     num_params, padded_vocab_size, pretrain_schedule
 
 VOCAB = 4096
@@ -115,8 +118,8 @@ def plain_step_fn(cfg: ModelConfig, opt_cfg: OptimizerConfig, batch: int):
 
 
 def engine_step_fn(cfg: ModelConfig, opt_cfg: OptimizerConfig, batch: int):
-    from stages.model import build_model
-    from stages.optim import build_ddp, build_optimizer
+    from stages.engine.model import build_model
+    from stages.engine.optim import build_ddp, build_optimizer
     from stages.pretrain import causal_mask, lm_loss
 
     stage = PretrainConfig(tokenizer="-", data="-", global_batch_size=batch, micro_batch_size=batch,
@@ -167,7 +170,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 
-    from stages import distributed
+    from stages.engine import distributed
 
     distributed.init(seed=0)
     ffn = 8 * math.ceil(args.hidden * 8 / 3 / 8)

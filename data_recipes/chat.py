@@ -18,7 +18,7 @@ of its text, and the loss-mask boundaries fall exactly on marker tokens.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 IM_START, IM_END, THINK, END_THINK = "<|im_start|>", "<|im_end|>", "<think>", "</think>"
 SPECIAL_TOKENS = [IM_START, IM_END, THINK, END_THINK]
@@ -107,3 +107,24 @@ def parse_assistant(text: str) -> Message:
         reasoning = inner.removeprefix("\n").removesuffix("\n")
         text = rest.removeprefix("\n\n") if closed else ""  # cut off while thinking: no answer
     return Message("assistant", text, reasoning)
+
+
+@dataclass(kw_only=True)
+class PromptFormat:
+    """How a prompt reaches a model and where its answer is read: the fields of every config that
+    samples a model (generators, eval, rl). The final answer of a response is `final_text`."""
+
+    prompt_format: str = "chat"
+    """chat (our chat template) | completion (`completion_template`, for a base model)."""
+    completion_template: str = "{prompt}"
+    stop: list[str] = field(default_factory=list)
+    """Text that ends a generation (cut there), besides the end-of-turn / end-of-document tokens."""
+
+    def __post_init__(self):
+        if self.prompt_format not in ("chat", "completion"):
+            raise ValueError(f"prompt_format: {self.prompt_format!r}; one of chat, completion")
+
+
+def final_text(text: str, prompt_format: str) -> str:
+    """What is scored: a chat answer without its thinking block, or the completion."""
+    return parse_assistant(text).content if prompt_format == "chat" else text

@@ -4,7 +4,7 @@ A `Generator` completes chats (`complete`). The refinement roles (draft, checkli
 revise, reconstruct CoT) and the judge roles (score, prefer) are prompts over `complete` defined
 once here, so any chat model can play any role; a programmatic oracle (data_recipes.oracles)
 overrides the roles it can do exactly. The third backend, a
-pipeline checkpoint sampled with the engine, is `stages.generate.EngineGenerator` (it needs torch).
+pipeline checkpoint sampled with the engine, is `stages.engine.generate.EngineGenerator` (it needs torch).
 
 Every role method is batched: lists in, lists out, in order.
 """
@@ -23,8 +23,45 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_recipes.chat import Message, parse_assistant
-from stages.config import GeneratorConfig
+from data_recipes.chat import Message, PromptFormat, parse_assistant
+from data_recipes.config_fields import unhashed
+
+
+@dataclass(kw_only=True)
+class GeneratorConfig(PromptFormat):
+    """A text generator backend for one role (draft, evaluate, revise, CoT) of `sft_data`."""
+
+    kind: str = "oracle"
+    """engine (the checkpoint of the stage's `engine` ref) | http (an OpenAI-compatible
+    chat-completions endpoint) | oracle (a programmatic solver/checker for a verifiable task)."""
+    task: str = "auto"
+    """oracle: the task it solves and checks: arithmetic | code | auto (each prompt by its kind)."""
+    error_rate: float = 0.0
+    """oracle: the share of its answers it gets wrong on purpose (a stand-in for a fallible teacher)."""
+    url: str = ""
+    """http: base URL, e.g. http://127.0.0.1:8000/v1"""
+    model: str = ""
+    """http: the served model name."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """http: the environment variable holding the API key (sent only when set)."""
+    concurrency: int = unhashed(8)
+    timeout_s: float = unhashed(60.0)
+    max_retries: int = unhashed(4)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+    batch_size: int = unhashed(16)
+    """engine: prompts per generate() call."""
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kind not in ("engine", "http", "oracle"):
+            raise ValueError(f"kind: {self.kind!r} is not a generator backend; one of engine, http, "
+                             "oracle")
+        if self.kind == "http" and not self.url:
+            raise ValueError("url: the http backend needs the endpoint's base URL")
+        if self.prompt_format not in ("chat", "completion"):
+            raise ValueError(f"prompt_format: {self.prompt_format!r}; one of chat, completion")
 
 
 class GenerationError(RuntimeError):

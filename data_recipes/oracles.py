@@ -15,8 +15,8 @@ import re
 from functools import cache
 
 from data_recipes import arithmetic
-from data_recipes.generators import CoT, GenerationError, Generator, Verdict, answer_only
-from stages.config import GeneratorConfig
+from data_recipes.generators import (CoT, GenerationError, Generator, GeneratorConfig, Verdict,
+                                     answer_only)
 
 
 class _Seeded(Generator):

@@ -12,11 +12,32 @@ score is kept with the pair (provenance), so a filter decision can be audited af
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from data_recipes import arithmetic
-from data_recipes.generators import Generator, answer_only
+from data_recipes.generators import Generator, GeneratorConfig, answer_only
+
+
+@dataclass
+class PairFilterConfig:
+    """Which sampled (positive, negative) pairs DPD trains on: the positive must clearly win."""
+
+    kind: str = "verifier"
+    """verifier (the task's exact checker: 1 right, 0 wrong) | judge (a generator backend rates
+    each answer 0-10, scaled to [0, 1]; http, or the arithmetic oracle)."""
+    task: str = "arithmetic"
+    """verifier: the task whose checker scores answers."""
+    judge: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """judge: the backend that rates answers."""
+    min_margin: float = 1.0
+    """Keep a pair when score(positive) - score(negative) >= this (verifier: 1 = right vs wrong)."""
+
+    def __post_init__(self):
+        if self.kind not in ("verifier", "judge"):
+            raise ValueError(f"kind: {self.kind!r} is not a pair filter; one of verifier, judge")
+        if self.kind == "verifier" and self.task != "arithmetic":
+            raise ValueError(f"task: {self.task!r} has no verifier; the verifier task is arithmetic")
 
 
 @dataclass

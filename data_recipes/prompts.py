@@ -8,11 +8,45 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 from data_recipes.arithmetic import make_problem
-from stages.config import PromptsConfig
+
+
+@dataclass
+class PromptsConfig:
+    """A set of prompts: generated arithmetic questions (split train / heldout) or a jsonl file."""
+
+    kind: str = "arithmetic"
+    """arithmetic | code (tiny Python function tasks with asserts) | jsonl"""
+    num: int = 256
+    """At most this many prompts."""
+    split: str = "train"
+    """arithmetic: train | heldout; the two are disjoint (by a hash of the question)."""
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    max_digits: int = 2
+    path: Optional[str] = None
+    """jsonl: the file; each line an object with the prompt under `field`."""
+    field: str = "prompt"
+    answer_field: str = "answer"
+    """jsonl: the reference answer (for a math reward), when the lines have one."""
+
+    def __post_init__(self):
+        if self.kind not in ("arithmetic", "code", "jsonl"):
+            raise ValueError(f"kind: {self.kind!r} is not a prompt set kind; one of arithmetic, "
+                             "code, jsonl")
+        if self.split not in ("train", "heldout"):
+            raise ValueError(f"split: {self.split!r}; one of train, heldout")
+        if self.kind == "jsonl":
+            if not self.path:
+                raise ValueError("path: a jsonl prompt set needs a path")
+            self.path = os.path.abspath(os.path.expanduser(self.path))  # like source paths
+            if not os.path.isfile(self.path):
+                raise ValueError(f"path: {self.path} does not exist")
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,33 @@ A `Task` is a prompt plus what verifies an answer to it: the reference answer (m
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from data_recipes import arithmetic
-from data_recipes.generators import Generator
-from data_recipes.prompts import load_prompts
-from stages.config import PromptsConfig, RewardConfig
+from data_recipes.config_fields import unhashed
+from data_recipes.generators import Generator, GeneratorConfig
+from data_recipes.prompts import PromptsConfig, load_prompts
+
+
+@dataclass
+class RewardConfig:
+    """How a sub-stage scores a rollout."""
+
+    kind: str = "math"
+    """math (final answer vs the reference, checked in a sandbox) | code (the response's function
+    run against the task's public and private asserts in a sandbox) | judge (a pairwise judge
+    compares every two samples of a group, both orders; reward = the sample's win rate)."""
+    judge: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """judge: the backend: engine (the rl stage's `judge` checkpoint), http, or the arithmetic
+    oracle (prefers a right answer, then the shorter one: a programmatic stand-in for a
+    preference model)."""
+    workers: int = unhashed(8)
+    """Sandboxes run at once."""
+
+    def __post_init__(self):
+        if self.kind not in ("math", "code", "judge"):
+            raise ValueError(f"kind: {self.kind!r} is not a reward; one of math, code, judge")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.config import LaunchConfig, stage_module
+from launch.config import LaunchConfig
+from stages.configs import stage_module
 from stages.contract import EXIT_STATUS, LOG, MANIFEST, StageSpec, read_json
 
 PID_FILE = "job.pid"

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from launch import ray_on_slurm
 from launch.local import JobResult
-from stages.config import LaunchConfig, stage_module
+from launch.config import LaunchConfig
+from stages.configs import stage_module
 from stages.contract import EXIT_STATUS, LOG, MANIFEST, SPEC, read_json, write_json_atomic
 
 SCRIPT = "sbatch.sh"

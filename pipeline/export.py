@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline.recipe import RecipeError
-from stages.config import ExportConfig
+from stages.configs.hf import ExportConfig
 from stages.contract import MANIFEST, StageSpec, read_json, save_spec
 
 

@@ -18,7 +18,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline.recipe import Recipe, RecipeError
-from stages.config import LaunchConfig, ModelConfig, ref_fields, unhashed_fields
+from launch.config import LaunchConfig
+from stages.configs.model import ModelConfig
+from data_recipes.config_fields import ref_fields, unhashed_fields
 from stages.contract import StageSpec
 
 HASH_LEN = 8

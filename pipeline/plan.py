@@ -5,7 +5,9 @@ from __future__ import annotations
 from pipeline.graph import StageNode
 from pipeline.recipe import Recipe
 from pipeline.state import stage_state
-from stages.config import ModelConfig, PretrainConfig, num_params, padded_vocab_size, pretrain_schedule
+from stages.configs.model import ModelConfig, num_params, padded_vocab_size
+from stages.configs.pretrain import PretrainConfig
+from schedulers.fg_wsd import pretrain_schedule
 
 
 def render_plan(recipe: Recipe, graph: dict[str, StageNode]) -> str:
@@ -30,7 +32,7 @@ def _pretrain(recipe: Recipe, graph: dict[str, StageNode], node: StageNode) -> l
     model = ModelConfig(**node.model)
     tok = graph[cfg.tokenizer].config
     if tok.kind == "import":  # an imported model's vocabulary is its config.json's
-        from stages.hf_mapping import read_hf_config
+        from stages.configs.hf import read_hf_config
 
         vocab = read_hf_config(tok.path)[1]
     else:

@@ -3,7 +3,7 @@
     recipe = load_recipe("recipes/tiny.yaml", ["stages.pretrain.phases.2.tokens=65536"])
 
 The top level is `Recipe`; each source is checked against its kind's dataclass
-(`data_recipes.sources.SOURCE_KINDS`), each stage against its kind's (`stages.config.STAGE_KINDS`).
+(`data_recipes.sources.SOURCE_KINDS`), each stage against its kind's (`stages.configs.STAGE_KINDS`).
 Every problem is reported as `RecipeError` lines `<key.path>: <what is wrong>`; the CLI prints
 them and exits with 2 before anything starts. Semantic checks live in `pipeline.validate`.
 """
@@ -22,7 +22,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_recipes.sources import SOURCE_KINDS
-from stages.config import MISSING, STAGE_KINDS, LaunchConfig, ModelConfig
+from data_recipes.config_fields import MISSING
+from stages.configs import STAGE_KINDS
+from launch.config import LaunchConfig
+from stages.configs.model import ModelConfig
 
 
 class RecipeError(Exception):
@@ -65,7 +68,7 @@ class Recipe:
     sources: dict[str, Any] = field(default_factory=dict)
     """name -> a data source (`kind:` one of data_recipes.sources.SOURCE_KINDS)."""
     stages: dict[str, Any] = field(default_factory=dict)
-    """name -> a stage (`kind:` one of stages.config.STAGE_KINDS)."""
+    """name -> a stage (`kind:` one of stages.configs.STAGE_KINDS)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +155,8 @@ def expand_substages(stages: dict[str, Any]) -> dict[str, Any]:
     sub-stage each, each starting from the previous one's checkpoint), so every sub-stage is its
     own resumable node with its own hash: a crash in `b` never reruns `a`. A reference to `name`
     from another stage means its last sub-stage."""
-    from stages.config import RLConfig, ref_fields
+    from stages.configs.rl import RLConfig
+    from data_recipes.config_fields import ref_fields
 
     out: dict[str, Any] = {}
     last: dict[str, str] = {}

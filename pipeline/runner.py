@@ -27,7 +27,7 @@ from launch import local, slurm
 from pipeline.graph import StageNode, make_spec
 from pipeline.state import WorkdirLock, set_status, stage_state
 from pipeline.tracking import Tracker
-from stages.config import LaunchConfig
+from launch.config import LaunchConfig
 from stages.contract import LOG, StageSpec, save_spec
 
 EXIT_INTERRUPTED = 130

@@ -3,7 +3,7 @@
 The parent run's id is kept in `<workdir>/mlflow_pipeline.json` and each stage run's id in
 `<stage dir>/mlflow_run.json`, so a rerun after a crash continues the same runs instead of
 scattering a stage's metrics over several. The job logs its step metrics into the stage run itself
-(stages.tracking); the driver logs the resolved config as params, the spec, manifest and log.
+(stages.engine.tracking); the driver logs the resolved config as params, the spec, manifest and log.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pipeline.graph import StageNode
 from pipeline.recipe import Recipe
 from pipeline.state import RUN_ID, read_run_id
 from stages.contract import LOG, MANIFEST, SPEC, read_json, write_json_atomic
-from stages.tracking import flatten
+from stages.engine.tracking import flatten
 
 PARENT = "mlflow_pipeline.json"
 END_STATUS = {"done": "FINISHED", "failed": "FAILED", "upstream_failed": "FAILED",

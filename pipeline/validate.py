@@ -15,8 +15,11 @@ from pipeline.graph import stage_launcher, stage_model, stage_refs, topo_order
 from pipeline.recipe import Recipe, RecipeError
 from schedulers.fg_wsd import check as check_schedule
 from schedulers.mixture import check_weights
-from stages.config import (DistillConfig, ImportConfig, PretrainConfig, RLConfig, phase_specs,
-                           pretrain_schedule)
+from stages.configs.post_training import DistillConfig
+from stages.configs.hf import ImportConfig
+from stages.configs.pretrain import PretrainConfig
+from stages.configs.rl import RLConfig
+from schedulers.fg_wsd import phase_specs, pretrain_schedule
 
 # Which kind each reference field must point at: by (stage kind, field) first, then by field
 # (fields not listed may point anywhere).
@@ -115,7 +118,7 @@ def _check_distill(recipe: Recipe, path: str, cfg: DistillConfig) -> list[tuple[
 
 def _check_import(path: str, cfg: ImportConfig) -> list[tuple[str, str]]:
     """The HF directory exists and holds a model we convert exactly (read: config.json only)."""
-    from stages.hf_mapping import UnsupportedModel, read_hf_config
+    from stages.configs.hf import UnsupportedModel, read_hf_config
 
     config = Path(cfg.path) / "config.json"
     if not config.is_file():
@@ -129,7 +132,7 @@ def _check_import(path: str, cfg: ImportConfig) -> list[tuple[str, str]]:
 
 def _check_imported_model(recipe: Recipe, path: str, cfg) -> list[tuple[str, str]]:
     """A stage that starts from an import stage's weights must describe the same architecture."""
-    from stages.hf_mapping import architecture_mismatch, read_hf_config
+    from stages.configs.hf import architecture_mismatch, read_hf_config
 
     dep = getattr(cfg, "init", None)
     model = stage_model(recipe, cfg)

@@ -192,3 +192,20 @@ def check(schedule: FGWSDSchedule, phases: Sequence[PhaseSpec], warmup_tokens: f
                            f"{schedule.decay_start_step}); mixtures may change only while the "
                            "LR is constant"))
     return errors
+
+
+def phase_specs(cfg, model) -> list[PhaseSpec]:
+    """A pretrain config's phases with the model's defaults filled in (seq length, RoPE base) and
+    the stage's global batch size where a phase sets none. `cfg` is a stages PretrainConfig and
+    `model` a ModelConfig, read by attribute (this package imports nothing of ours)."""
+    return [PhaseSpec(p.name, float(p.tokens), dict(p.mixture), p.seq_length or model.seq_length,
+                      p.rotary_base or model.rotary_base,
+                      p.global_batch_size or cfg.global_batch_size) for p in cfg.phases]
+
+
+def pretrain_schedule(cfg, model) -> FGWSDSchedule:
+    """The FG-WSD schedule (phases in steps, LR) that a pretrain config describes."""
+    return build_schedule(phase_specs(cfg, model), lr_max=cfg.lr.max,
+                          lr_min=cfg.lr.min, lr_init=cfg.lr.init,
+                          warmup_tokens=float(cfg.lr.warmup_tokens),
+                          decay_tokens=float(cfg.lr.decay_tokens), decay_style=cfg.lr.decay_style)

@@ -39,18 +39,21 @@ from data_recipes.generators import build_generator
 from data_recipes.pairs import ArithmeticVerifier, JudgeScorer, Pair, make_pairs
 from data_recipes.prompts import load_prompts, split_heldout
 from data_recipes.tokenizer import tokenizer_mismatch, tokenizer_of_stage
-from stages import checkpoint as ckpt
+from stages.engine import checkpoint as ckpt
 from stages import distill_loss as L
-from stages import distributed, job
-from stages.config import DistillConfig, GeneratorConfig, checkpoint_model, from_dict
+from stages.engine import distributed, job
+from stages.configs.post_training import DistillConfig
+from data_recipes.generators import GeneratorConfig
+from stages.engine.checkpoint import checkpoint_model
+from data_recipes.config_fields import from_dict
 from stages.contract import (MANIFEST, StageSpec, read_json, write_json_atomic,
                              write_jsonl_atomic)
-from stages.generate import EngineGenerator, load_checkpoint_model
-from stages.model import build_model
-from stages.optim import build_ddp, build_optimizer, build_scheduler, current_lr
-from stages.pretrain import params_sha256
-from stages.sft import sft_schedule
-from stages.tracking import MetricLogger
+from stages.engine.generate import EngineGenerator, load_checkpoint_model
+from stages.engine.model import build_model
+from stages.engine.optim import build_ddp, build_optimizer, build_scheduler, current_lr
+from stages.engine.checkpoint import params_sha256
+from schedulers.post_training import post_training_schedule
+from stages.engine.tracking import MetricLogger
 
 # --- 1. pairs ------------------------------------------------------------------------------------
 
@@ -407,7 +410,7 @@ def _run(spec: StageSpec, cfg: DistillConfig, info) -> dict[str, Any]:
         teacher_view = TeacherLogits(teacher=teacher)
 
     # 3. training
-    schedule = sft_schedule(cfg.lr, total_steps, cfg.global_batch_size, seq_length,
+    schedule = post_training_schedule(cfg.lr, total_steps, cfg.global_batch_size, seq_length,
                             student_cfg.rotary_base)
     model = build_ddp(build_model(student_cfg, vocab, seq_length))
     optimizer = build_optimizer(model, cfg.optimizer, schedule)

@@ -21,14 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from data_recipes.arithmetic import check_answer
-from data_recipes.chat import Message, parse_assistant
+from data_recipes.chat import Message, final_text
 from data_recipes.rewards import Task, build_reward, load_tasks
 from data_recipes.tokenizer import tokenizer_of_stage
-from stages import distributed, job
-from stages.config import EvalConfig, GeneratorConfig, RewardConfig, checkpoint_model, from_dict
+from stages.engine import distributed, job
+from stages.configs.eval import EvalConfig
+from data_recipes.generators import GeneratorConfig
+from data_recipes.rewards import RewardConfig
+from stages.engine.checkpoint import checkpoint_model
+from data_recipes.config_fields import from_dict
 from stages.contract import MANIFEST, StageSpec, read_json
-from stages.generate import EngineGenerator, load_checkpoint_model
-from stages.tracking import MetricLogger
+from stages.engine.generate import EngineGenerator, load_checkpoint_model
+from stages.engine.tracking import MetricLogger
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -36,11 +40,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def final_text(text: str, prompt_format: str) -> str:
-    """What is scored: a chat answer without its thinking block, or the completion."""
-    return parse_assistant(text).content if prompt_format == "chat" else text
 
 
 def score(tasks: list[Task], texts: list[str], prompt_format: str, kind: str = "arithmetic",

@@ -24,13 +24,16 @@ from typing import Any
 
 import torch
 
-from stages import checkpoint as ckpt
-from stages import distributed, job
-from stages.config import ExportConfig, ModelConfig, from_dict
+from stages.engine import checkpoint as ckpt
+from stages.engine import distributed, job
+from stages.configs.hf import ExportConfig
+from stages.configs.model import ModelConfig
+from data_recipes.config_fields import from_dict
 from stages.contract import MANIFEST, StageSpec, read_json, write_json_atomic
 from stages.hf_import import one_process
-from stages.hf_mapping import architecture_mismatch, hf_config, megatron_name, megatron_to_hf
-from stages.tracking import MetricLogger
+from stages.configs.hf import architecture_mismatch, hf_config
+from stages.engine.hf.weights import megatron_name, megatron_to_hf
+from stages.engine.tracking import MetricLogger
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -172,10 +175,10 @@ def check_init_model(init_dir: Path, model_cfg: ModelConfig) -> dict[str, Any]:
 
 def export_stage(init_dir: str | Path, tokenizer_dir: str | Path, model_cfg: ModelConfig,
                  out: str | Path, dtype: str = "bfloat16") -> dict[str, Any]:
-    """Write `out` (needs stages.distributed.init() with TP=PP=1); returns manifest fields."""
+    """Write `out` (needs stages.engine.distributed.init() with TP=PP=1); returns manifest fields."""
     import time
 
-    from stages.model import build_model
+    from stages.engine.model import build_model
 
     start = time.perf_counter()
     init_dir, out = Path(init_dir), Path(out)

@@ -28,13 +28,16 @@ from typing import Any
 
 import torch
 
-from stages import checkpoint as ckpt
-from stages import distributed, job
-from stages.config import ImportConfig, ModelConfig, from_dict, num_params
+from stages.engine import checkpoint as ckpt
+from stages.engine import distributed, job
+from stages.configs.hf import ImportConfig
+from stages.configs.model import ModelConfig, num_params
+from data_recipes.config_fields import from_dict
 from stages.contract import StageSpec, read_json, write_json_atomic
-from stages.hf_mapping import UnsupportedModel, hf_to_megatron, megatron_name, model_config_from_hf
+from stages.configs.hf import UnsupportedModel, model_config_from_hf
+from stages.engine.hf.weights import hf_to_megatron, megatron_name
 from stages.tokenizer import sha256_file
-from stages.tracking import MetricLogger
+from stages.engine.tracking import MetricLogger
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "tokenizer.model")
@@ -165,8 +168,8 @@ def copy_tokenizer(src: Path, out: Path, hf_cfg: dict, eod_token: str | None = N
 
 def import_model(src: str | os.PathLike, out: str | os.PathLike,
                  eod_token: str | None = None) -> dict[str, Any]:
-    """Convert `src` into `out` (needs stages.distributed.init()); returns the manifest fields."""
-    from stages.model import build_model
+    """Convert `src` into `out` (needs stages.engine.distributed.init()); returns the manifest fields."""
+    from stages.engine.model import build_model
 
     start = time.perf_counter()
     src, out = Path(src).expanduser().resolve(), Path(out)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import time
 
-from stages import job
-from stages.config import NoopConfig, from_dict
+from stages.engine import job
+from stages.configs.base import NoopConfig
+from data_recipes.config_fields import from_dict
 from stages.contract import StageSpec
-from stages.tracking import MetricLogger
+from stages.engine.tracking import MetricLogger
 
 
 def run(spec: StageSpec) -> dict:

@@ -23,13 +23,17 @@ import torch
 
 from data_recipes.blend import build_phase_datasets, rank_micro_batches, step_samples
 from schedulers.mixture import all_sources
-from stages import checkpoint as ckpt
-from stages import distributed, job
-from stages.config import ModelConfig, PretrainConfig, from_dict, num_params, pretrain_schedule
+from stages.engine import checkpoint as ckpt
+from stages.engine.checkpoint import params_sha256
+from stages.engine import distributed, job
+from stages.configs.model import ModelConfig, num_params
+from stages.configs.pretrain import PretrainConfig
+from data_recipes.config_fields import from_dict
+from schedulers.fg_wsd import pretrain_schedule
 from stages.contract import MANIFEST, StageSpec, read_json
-from stages.model import build_model, set_rotary_base, unwrap
-from stages.optim import build_ddp, build_optimizer, build_scheduler, current_lr
-from stages.tracking import MetricLogger
+from stages.engine.model import build_model, set_rotary_base
+from stages.engine.optim import build_ddp, build_optimizer, build_scheduler, current_lr
+from stages.engine.tracking import MetricLogger
 
 DATA_ORDER = "data_order.jsonl"
 
@@ -106,15 +110,6 @@ def tokens_sha256(dataset, indices) -> str:
     return h.hexdigest()
 
 
-def params_sha256(model) -> str:
-    """SHA-256 over this rank's parameters in a fixed (name) order: equal iff bitwise equal."""
-    h = hashlib.sha256()
-    for name, p in sorted(unwrap(model).named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def truncate_data_order(path: Path, step: int) -> None:
     """Keep the records of steps < `step` (a resumed run rewrites the rest exactly as before)."""
     if not path.exists():
@@ -131,7 +126,7 @@ def truncate_data_order(path: Path, step: int) -> None:
 
 def log_start(logger: MetricLogger, cfg: PretrainConfig, model_cfg: ModelConfig, schedule,
               out: Path) -> None:
-    from stages.plots import plot_lr, plot_mixture
+    from stages.engine.plots import plot_lr, plot_mixture
 
     plots = out / "plots"
     plots.mkdir(exist_ok=True)

@@ -9,7 +9,7 @@ always runs exactly one: stem, then code, then align, each from the previous one
    prompts it solves sometimes (min_pass < rate < max_pass) are kept: the others give every
    sample of a group the same reward, hence zero advantage and no gradient. Saved (filter.jsonl).
 2. GRPO, colocated (rollouts and training in this job, from the same weights): each step samples
-   `group_size` answers for `prompts_per_step` prompts with the KV cache (stages.generate),
+   `group_size` answers for `prompts_per_step` prompts with the KV cache (stages.engine.generate),
    scores them, normalises rewards within each group, then takes `updates_per_batch` optimizer
    steps of the clipped loss (stages.grpo_loss). Samples cut at max_new_tokens are masked out.
    Every rollout and its reward goes to rollouts.jsonl (an MLflow artifact).
@@ -36,19 +36,22 @@ from data_recipes.chat import IM_END, Message, encode_prompt, encode_text
 from data_recipes.generators import build_generator
 from data_recipes.rewards import Task, build_reward, load_tasks
 from data_recipes.tokenizer import tokenizer_of_stage
-from stages import checkpoint as ckpt
-from stages import distributed, job
-from stages.config import RLConfig, checkpoint_model, from_dict
+from stages.engine import checkpoint as ckpt
+from stages.engine import distributed, job
+from stages.configs.rl import RLConfig
+from stages.engine.checkpoint import checkpoint_model
+from data_recipes.config_fields import from_dict
 from stages.contract import MANIFEST, StageSpec, read_json, write_jsonl_atomic
 from stages.distill_loss import masked_mean, token_logps
-from stages.eval import final_text
-from stages.generate import EngineGenerator, SamplingConfig, cut_at_stop, generate, load_checkpoint_model
+from data_recipes.chat import final_text
+from stages.engine.generate import (EngineGenerator, SamplingConfig, cut_at_stop, generate,
+                                    load_checkpoint_model)
 from stages.grpo_loss import grpo_loss, group_advantages, token_entropy
-from stages.model import build_model, unwrap
-from stages.optim import build_ddp, build_optimizer, build_scheduler, current_lr
-from stages.pretrain import params_sha256
-from stages.sft import sft_schedule
-from stages.tracking import MetricLogger
+from stages.engine.model import build_model, unwrap
+from stages.engine.optim import build_ddp, build_optimizer, build_scheduler, current_lr
+from stages.engine.checkpoint import params_sha256
+from schedulers.post_training import post_training_schedule
+from stages.engine.tracking import MetricLogger
 
 
 class Policy:
@@ -226,7 +229,7 @@ def _run(spec: StageSpec, cfg: RLConfig, info) -> dict[str, Any]:
                          f"data-parallel size ({info.dp_size})")
 
     total_updates = g.steps * g.updates_per_batch
-    schedule = sft_schedule(g.lr, total_updates, g.prompts_per_step * g.group_size, seq_length,
+    schedule = post_training_schedule(g.lr, total_updates, g.prompts_per_step * g.group_size, seq_length,
                             model_cfg.rotary_base)
     model = build_ddp(build_model(model_cfg, tok.vocab_size, seq_length))
     optimizer = build_optimizer(model, cfg.optimizer, schedule)

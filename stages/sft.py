@@ -29,15 +29,17 @@ from data_recipes.chat import Message, encode_chat
 from data_recipes.prompts import split_heldout
 from data_recipes.sft_pack import Packed, attention_mask, build_sequence, pack
 from data_recipes.tokenizer import tokenizer_of_stage
-from schedulers.fg_wsd import PhaseSpec, build_schedule
-from stages import checkpoint as ckpt
-from stages import distributed, job
-from stages.config import SFTConfig, SFTLRConfig, checkpoint_model, from_dict
+from schedulers.post_training import post_training_schedule
+from stages.engine import checkpoint as ckpt
+from stages.engine import distributed, job
+from stages.configs.post_training import SFTConfig
+from stages.engine.checkpoint import checkpoint_model
+from data_recipes.config_fields import from_dict
 from stages.contract import MANIFEST, StageSpec, read_json
-from stages.model import build_model
-from stages.optim import build_ddp, build_optimizer, build_scheduler, current_lr
-from stages.pretrain import params_sha256
-from stages.tracking import MetricLogger
+from stages.engine.model import build_model
+from stages.engine.optim import build_ddp, build_optimizer, build_scheduler, current_lr
+from stages.engine.checkpoint import params_sha256
+from stages.engine.tracking import MetricLogger
 
 
 def load_samples(data_dir: str) -> list[dict]:
@@ -48,18 +50,6 @@ def load_samples(data_dir: str) -> list[dict]:
 
 def encode_all(tokenizer, samples: list[dict]) -> list[tuple[list[int], list[int]]]:
     return [encode_chat(tokenizer, [Message(**m) for m in s["messages"]]) for s in samples]
-
-
-def sft_schedule(lr: SFTLRConfig, steps: int, global_batch_size: int, seq_length: int,
-                 rotary_base: float):
-    """A one-phase FG-WSD schedule: warmup steps, then decay over all the remaining steps (the
-    post-training stages' LR: SFT, distill, RL)."""
-    tps = global_batch_size * seq_length
-    phase = PhaseSpec("sft", steps * tps, {"sft": 1.0}, seq_length, rotary_base, global_batch_size)
-    warmup = min(lr.warmup_steps, steps)
-    return build_schedule([phase], lr_max=lr.max, lr_min=lr.min, lr_init=0.0,
-                          warmup_tokens=warmup * tps, decay_tokens=(steps - warmup) * tps,
-                          decay_style=lr.decay_style)
 
 
 def make_batch(encoded, packs: list[Packed], seq_length: int, pad_id: int,
@@ -157,7 +147,7 @@ def run(spec: StageSpec) -> dict[str, Any]:
         epoch_end = {}  # epoch -> the step after which all its sequences are trained
         for i, p in enumerate(packs[:total_steps * per_step]):
             epoch_end[p.epoch] = i // per_step + 1
-        schedule = sft_schedule(cfg.lr, total_steps, cfg.global_batch_size, seq_length,
+        schedule = post_training_schedule(cfg.lr, total_steps, cfg.global_batch_size, seq_length,
                             model_cfg.rotary_base)
         print(f"{len(train)} samples ({truncated} cut to {seq_length + 1} tokens), "
               f"{len(held)} held out; {len(packs)} sequences of {seq_length} over {cfg.epochs} "

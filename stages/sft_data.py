@@ -23,10 +23,13 @@ from typing import Any
 from data_recipes.generators import build_generator
 from data_recipes.prompts import Prompt, load_prompts
 from data_recipes.refine import RefineRoles, Sample, refine, round_stats
-from stages import job
-from stages.config import GeneratorConfig, SFTDataConfig, checkpoint_model, from_dict
+from stages.engine import job
+from data_recipes.generators import GeneratorConfig
+from stages.configs.data import SFTDataConfig
+from stages.engine.checkpoint import checkpoint_model
+from data_recipes.config_fields import from_dict
 from stages.contract import MANIFEST, StageSpec, read_json, write_jsonl_atomic
-from stages.tracking import MetricLogger
+from stages.engine.tracking import MetricLogger
 
 ROLES = ("drafter", "reviser", "cot")
 
@@ -88,8 +91,8 @@ def refine_shard(cfg: SFTDataConfig, prompts: list[Prompt], path: Path, out: Pat
 def _engine_factory(spec: StageSpec):
     """Load the `engine` stage's checkpoint once; every engine role samples from it."""
     from data_recipes.tokenizer import tokenizer_of_stage
-    from stages import distributed
-    from stages.generate import EngineGenerator, load_checkpoint_model
+    from stages.engine import distributed
+    from stages.engine.generate import EngineGenerator, load_checkpoint_model
 
     if not spec.inputs.get("engine") or not spec.inputs.get("tokenizer"):
         raise ValueError("engine, tokenizer: an engine backend needs both (the checkpoint's stage "
@@ -111,7 +114,7 @@ def _uses_engine(cfg: SFTDataConfig) -> bool:
 
 
 def run(spec: StageSpec) -> dict[str, Any]:
-    from stages import distributed
+    from stages.engine import distributed
 
     try:
         return _run(spec)

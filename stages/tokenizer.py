@@ -17,10 +17,11 @@ from typing import Any
 
 from data_recipes.sources import iter_documents
 from data_recipes.tokenize import load_processor, train_from_sample, write_sample
-from stages import job
-from stages.config import TokenizerConfig, from_dict
+from stages.engine import job
+from stages.configs.data import TokenizerConfig
+from data_recipes.config_fields import from_dict
 from stages.contract import StageSpec
-from stages.tracking import MetricLogger
+from stages.engine.tracking import MetricLogger
 
 
 def sha256_file(path: str | Path) -> str:

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from data_recipes import generators as g
 from data_recipes.oracles import ArithmeticOracle
-from stages.config import GeneratorConfig
+from data_recipes.generators import GeneratorConfig
 
 ROLE_OF_SYSTEM = {g.DRAFT_SYSTEM: "draft", g.CHECKLIST_SYSTEM: "checklist",
                   g.EVALUATE_SYSTEM: "evaluate", g.REVISE_SYSTEM: "revise", g.COT_SYSTEM: "cot",

@@ -37,7 +37,7 @@ def write_recipe(tmp_path):
 @pytest.fixture(scope="session")
 def megatron_world():
     """torch.distributed (gloo, world of one) + Megatron parallel state, with the CPU compat patches."""
-    from stages import distributed
+    from stages.engine import distributed
 
     info = distributed.init(seed=0)
     yield info
@@ -78,7 +78,7 @@ def finish_job(proc: subprocess.Popen, expect: int = 0, timeout: float = 300) ->
 
 
 def wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    from stages.checkpoint import latest_checkpoint
+    from stages.engine.checkpoint import latest_checkpoint
 
     deadline = time.time() + timeout
     while latest_checkpoint(out / "checkpoints") is None:

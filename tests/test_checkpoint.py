@@ -6,8 +6,10 @@ import json
 
 import torch
 
-from stages import checkpoint as ckpt
-from stages.config import LRConfig, ModelConfig, PhaseConfig, PretrainConfig, pretrain_schedule
+from stages.engine import checkpoint as ckpt
+from stages.configs.pretrain import LRConfig, PhaseConfig, PretrainConfig
+from stages.configs.model import ModelConfig
+from schedulers.fg_wsd import pretrain_schedule
 
 MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=88, num_attention_heads=4,
                     num_query_groups=2, seq_length=16, hidden_dropout=0.1, attention_dropout=0.1)
@@ -17,8 +19,8 @@ CONFIG = PretrainConfig(tokenizer="t", data="d", global_batch_size=2, micro_batc
 
 
 def build():
-    from stages.model import build_model
-    from stages.optim import build_ddp, build_optimizer
+    from stages.engine.model import build_model
+    from stages.engine.optim import build_ddp, build_optimizer
 
     model = build_ddp(build_model(MODEL, vocab_size=100, max_seq_length=16))
     return model, build_optimizer(model, CONFIG.optimizer, pretrain_schedule(CONFIG, MODEL))

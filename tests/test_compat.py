@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from stages import compat
+from stages.engine import compat
 
 
 def test_not_applied_when_cuda_is_reported_available():
@@ -25,7 +25,7 @@ def test_not_applied_when_cuda_is_reported_available():
                            optimizer.get_grad_norm_fp32, clip_grads.clip_grad_by_total_norm_fp32,
                            optimizer.clip_grad_by_total_norm_fp32]
         before = targets()
-        from stages import compat
+        from stages.engine import compat
         assert compat.apply() is False
         assert compat.is_applied() is False
         assert all(a is b for a, b in zip(before, targets())), "something was patched"

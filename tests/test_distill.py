@@ -21,8 +21,12 @@ from data_recipes.oracles import ArithmeticOracle
 from data_recipes.pairs import ArithmeticVerifier, JudgeScorer, make_pairs
 from data_recipes.tokenize import train_sentencepiece
 from data_recipes.tokenizer import SentencePieceTokenizer, tokenizer_mismatch
-from stages.config import (DistillConfig, DistillLossConfig, GeneratorConfig, ModelConfig,
-                           PairFilterConfig, PromptsConfig, SFTLRConfig)
+from stages.configs.post_training import DistillConfig, DistillLossConfig
+from data_recipes.generators import GeneratorConfig
+from stages.configs.model import ModelConfig
+from data_recipes.pairs import PairFilterConfig
+from data_recipes.prompts import PromptsConfig
+from stages.configs.base import PostTrainingLRConfig
 from conftest import finish_job, sigkill_at_first_checkpoint_then_rerun, start_job
 from stages.contract import StageSpec, read_json, save_spec
 
@@ -102,7 +106,7 @@ def test_recipe_with_a_teacher_trained_on_another_tokenizer_is_rejected(write_re
 def save_stage(root: Path, name: str, model_cfg: ModelConfig, vocab: int, seed: int) -> str:
     """A stage dir holding a weights-only checkpoint of a randomly initialised model."""
     from stages.hf_import import save_weights
-    from stages.model import build_model
+    from stages.engine.model import build_model
 
     torch.manual_seed(seed)
     model = build_model(model_cfg, vocab, model_cfg.seq_length)
@@ -127,7 +131,7 @@ DISTILL = DistillConfig(
     tokenizer="tok", student="student", teacher="teacher",
     prompts=PromptsConfig(num=20, seed=3, max_digits=1), teacher_samples=2, student_samples=2,
     max_new_tokens=16, filter=PairFilterConfig(min_margin=-1.0), epochs=3, global_batch_size=4,
-    micro_batch_size=2, lr=SFTLRConfig(max=3e-3, min=3e-5, warmup_steps=1), heldout_pairs=4,
+    micro_batch_size=2, lr=PostTrainingLRConfig(max=3e-3, min=3e-5, warmup_steps=1), heldout_pairs=4,
     seed=5, shard_size=8, checkpoint_every=4, log_every=2)
 
 
@@ -195,7 +199,7 @@ def test_cached_top_k_with_k_equal_to_the_vocab_gives_the_online_divergence(inpu
     from data_recipes.pairs import Pair
     from stages.distill import (TeacherLogits, encode_pair, logits_of, make_batch,
                                 read_teacher_topk, write_teacher_topk)
-    from stages.generate import load_checkpoint_model
+    from stages.engine.generate import load_checkpoint_model
 
     teacher = load_checkpoint_model(inputs["teacher"], TEACHER, tok.vocab_size)
     student = load_checkpoint_model(inputs["student"], STUDENT, tok.vocab_size)

@@ -14,9 +14,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from stages.config import ModelConfig  # noqa: E402
+from stages.configs.model import ModelConfig
 from stages.contract import MANIFEST, write_json_atomic  # noqa: E402
-from stages.hf_mapping import UnsupportedModel, model_config_from_hf  # noqa: E402
+from stages.configs.hf import UnsupportedModel, model_config_from_hf
 
 VOCAB = 320
 SEQ = 24
@@ -91,8 +91,8 @@ def import_dir(src, out) -> dict:
 
 
 def build_from(out, model_cfg: ModelConfig, vocab: int):
-    from stages.checkpoint import load_model_weights_only
-    from stages.model import build_model
+    from stages.engine.checkpoint import load_model_weights_only
+    from stages.engine.model import build_model
 
     model = build_model(model_cfg, vocab, SEQ)
     load_model_weights_only(out, model)  # exactly what a later stage's `init:` does
@@ -101,7 +101,7 @@ def build_from(out, model_cfg: ModelConfig, vocab: int):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_import_then_export_round_trip(megatron_world, tmp_path, arch):
-    from stages.config import from_dict
+    from data_recipes.config_fields import from_dict
     from stages.hf_export import export_stage
 
     # qwen3 is stored in bf16 as published models are: import reads it into our fp32 engine
@@ -155,8 +155,8 @@ def test_rope_scaling_and_base_switch_are_exact(megatron_world, tmp_path, scalin
     """Over 512 positions the scaling changes the logits (at 24 llama3's barely can: it scales
     only the lowest frequency), ours still equal transformers', and set_rotary_base (pretrain's
     per-phase ABF hook) keeps the scaling instead of silently dropping it."""
-    from stages.config import from_dict
-    from stages.model import set_rotary_base
+    from data_recipes.config_fields import from_dict
+    from stages.engine.model import set_rotary_base
 
     hf = make_hf_model("llama", tmp_path / "hf", rope_scaling=scaling)
     produced = import_dir(tmp_path / "hf", tmp_path / "import")
@@ -199,7 +199,7 @@ def test_pipeline_model_export_greedy_and_tokenizer(megatron_world, tmp_path):
     from data_recipes.tokenize import load_processor
     from stages.hf_export import export_stage
     from stages.hf_import import save_weights
-    from stages.model import build_model
+    from stages.engine.model import build_model
 
     manifest, texts = _train_sentencepiece(tmp_path)
     vocab = manifest["vocab_size"]
@@ -365,7 +365,7 @@ LLAMA_32_1B = {
 
 def test_published_configs_parse_and_jan_nano_describes_qwen3_4b(tmp_path):
     from pipeline.recipe import load_recipe
-    from stages.config import num_params
+    from stages.configs.model import num_params
 
     llama, vocab = model_config_from_hf(LLAMA_32_1B)
     assert (llama.rope_scaling, llama.rope_scaling_factor, llama.head_dim) == ("llama3", 32.0, None)
@@ -385,11 +385,12 @@ import torch
 import torch.distributed as dist
 
 if __name__ == "__main__":  # dist_checkpointing's helper processes re-import __main__
-    from stages import distributed
-    from stages.checkpoint import load_model_weights_only
-    from stages.config import ModelConfig, from_dict
+    from stages.engine import distributed
+    from stages.engine.checkpoint import load_model_weights_only
+    from stages.configs.model import ModelConfig
+    from data_recipes.config_fields import from_dict
     from stages.hf_import import save_weights
-    from stages.model import build_model
+    from stages.engine.model import build_model
 
     imported, out = Path(sys.argv[1]), Path(sys.argv[2])
     manifest = json.loads((imported / "manifest.json").read_text())
@@ -418,7 +419,7 @@ def test_tensor_parallel_checkpoints_both_ways(megatron_world, tmp_path):
     import sys
     from pathlib import Path
 
-    from stages.config import from_dict
+    from data_recipes.config_fields import from_dict
     from stages.hf_export import export_stage
 
     hf = make_hf_model("qwen3", tmp_path / "hf")

@@ -7,7 +7,7 @@ import time
 from mlflow.tracking import MlflowClient
 
 from stages.contract import StageSpec
-from stages.tracking import MetricLogger, flatten
+from stages.engine.tracking import MetricLogger, flatten
 
 
 def spec(tmp_path, uri="", run_id=""):

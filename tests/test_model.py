@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from stages.config import ModelConfig, num_params
+from stages.configs.model import ModelConfig, num_params
 
 MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=88, num_attention_heads=4,
                     num_query_groups=2, seq_length=16)
@@ -15,7 +15,7 @@ MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=88, num_attent
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_num_params_matches_the_built_model(megatron_world, tied):
-    from stages.model import build_model
+    from stages.engine.model import build_model
 
     cfg = dataclasses.replace(MODEL, tie_embeddings=tied)
     model = build_model(cfg, vocab_size=300, max_seq_length=16)
@@ -25,7 +25,7 @@ def test_num_params_matches_the_built_model(megatron_world, tied):
 
 
 def test_set_rotary_base_equals_a_model_built_with_that_base(megatron_world):
-    from stages.model import build_model, set_rotary_base
+    from stages.engine.model import build_model, set_rotary_base
 
     tokens = torch.randint(0, 300, (2, 16))
     pos = torch.arange(16)[None].expand(2, 16)

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.config import LRConfig, ModelConfig, PhaseConfig, PretrainConfig, pretrain_schedule
+from stages.configs.pretrain import LRConfig, PhaseConfig, PretrainConfig
+from stages.configs.model import ModelConfig
+from schedulers.fg_wsd import pretrain_schedule
 from conftest import finish_job, sigkill_at_first_checkpoint_then_rerun, start_job, wait_for_checkpoint
 from stages.contract import EXIT_PREEMPTED, StageSpec, read_json, save_spec
 

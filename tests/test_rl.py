@@ -15,8 +15,11 @@ import pytest
 from data_recipes.oracles import ArithmeticOracle
 from data_recipes.rewards import JudgeReward, build_reward, load_tasks
 from pipeline.recipe import RecipeError, load_recipe
-from stages.config import (GeneratorConfig, GRPOConfig, PassRateFilterConfig, PromptsConfig,
-                           RewardConfig, RLConfig, RLSubstageConfig, SFTLRConfig)
+from data_recipes.generators import GeneratorConfig
+from stages.configs.rl import GRPOConfig, PassRateFilterConfig, RLConfig, RLSubstageConfig
+from data_recipes.prompts import PromptsConfig
+from data_recipes.rewards import RewardConfig
+from stages.configs.base import PostTrainingLRConfig
 from conftest import finish_job, sigkill_at_first_checkpoint_then_rerun, start_job
 from stages.contract import StageSpec, read_json, save_spec
 from test_distill import STUDENT, inputs, tok  # noqa: F401  (fixtures: a tokenizer, checkpoints)
@@ -135,7 +138,7 @@ JUDGED = RLSubstageConfig(
     reward=RewardConfig(kind="judge", judge=GeneratorConfig(kind="oracle")),
     filter=PassRateFilterConfig(enabled=False),
     grpo=GRPOConfig(steps=4, prompts_per_step=2, group_size=4, updates_per_batch=2,
-                    micro_batch_size=4, max_new_tokens=16, lr=SFTLRConfig(max=1e-3, min=1e-3),
+                    micro_batch_size=4, max_new_tokens=16, lr=PostTrainingLRConfig(max=1e-3, min=1e-3),
                     mask_truncated=False))  # a random model never stops: train on cut samples too
 RL = RLConfig(tokenizer="tok", init="student", substages=[JUDGED], seed=9, checkpoint_every=2)
 

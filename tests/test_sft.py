@@ -22,7 +22,11 @@ from data_recipes.refine import RefineRoles, refine
 from data_recipes.sft_pack import attention_mask, build_sequence, pack
 from data_recipes.tokenize import train_sentencepiece
 from data_recipes.tokenizer import SentencePieceTokenizer
-from stages.config import (GeneratorConfig, ModelConfig, PromptsConfig, SFTConfig, SFTLRConfig)
+from data_recipes.generators import GeneratorConfig
+from stages.configs.model import ModelConfig
+from data_recipes.prompts import PromptsConfig
+from stages.configs.post_training import SFTConfig
+from stages.configs.base import PostTrainingLRConfig
 from conftest import finish_job, sigkill_at_first_checkpoint_then_rerun, start_job
 from stages.contract import StageSpec, read_json, save_spec
 
@@ -80,8 +84,8 @@ def test_a_tokenizer_without_the_chat_markers_is_a_clear_error(tmp_path):
 # --- generation ------------------------------------------------------------------------------------
 
 def test_kv_cache_generation_equals_full_recompute(megatron_world):
-    from stages.generate import SamplingConfig, generate
-    from stages.model import build_model
+    from stages.engine.generate import SamplingConfig, generate
+    from stages.engine.model import build_model
 
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(MODEL, hidden_dropout=0.0, attention_dropout=0.0),
@@ -121,7 +125,7 @@ def test_pack_fills_sequences_in_order_and_covers_every_epoch():
 def test_packing_gives_the_same_loss_as_unpacked_samples(megatron_world, tok):
     """Per-token losses of samples packed together (positions reset, attention blocked between
     them) equal those of each sample alone, so packing does not change the objective."""
-    from stages.model import build_model
+    from stages.engine.model import build_model
     from stages.sft import make_batch, token_losses
 
     torch.manual_seed(0)
@@ -166,7 +170,7 @@ def make_inputs(root: Path, tok: SentencePieceTokenizer) -> dict[str, str]:
 
 
 SFT = SFTConfig(tokenizer="tok", data="data", epochs=2, global_batch_size=4, micro_batch_size=2,
-                lr=SFTLRConfig(max=2e-3, min=2e-5, warmup_steps=2), heldout_samples=6,
+                lr=PostTrainingLRConfig(max=2e-3, min=2e-5, warmup_steps=2), heldout_samples=6,
                 checkpoint_every=3, keep_checkpoints=2, log_every=2, seed=11)
 
 

@@ -20,7 +20,9 @@ from data_recipes.generators import GenerationError, HTTPGenerator
 from data_recipes.oracles import ArithmeticOracle
 from data_recipes.prompts import in_heldout, load_prompts
 from data_recipes.refine import RefineRoles, refine, round_stats
-from stages.config import GeneratorConfig, PromptsConfig, SFTDataConfig
+from data_recipes.generators import GeneratorConfig
+from data_recipes.prompts import PromptsConfig
+from stages.configs.data import SFTDataConfig
 from stages.contract import StageSpec, read_json, save_spec
 from tests.chat_server import ChatServer
 

@@ -22,7 +22,7 @@ from conftest import default_sigint
 from launch import local, slurm
 from pipeline.cli import main
 from pipeline.state import LockedError, WorkdirLock
-from stages.config import LaunchConfig
+from launch.config import LaunchConfig
 from stages.contract import StageSpec, load_spec, read_json, save_spec
 from test_pretrain import CONFIG, MODEL, make_prepared
 
@@ -92,7 +92,7 @@ def job_processes(out: Path) -> list:
 
 
 def first_checkpoint(out: Path) -> bool:
-    from stages.checkpoint import latest_checkpoint
+    from stages.engine.checkpoint import latest_checkpoint
 
     return latest_checkpoint(out / "checkpoints") is not None
 

@@ -11,7 +11,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from stages.config import ModelConfig, padded_vocab_size
+from stages.configs.model import ModelConfig, padded_vocab_size
 
 
 def build_transformer_config(model_cfg: ModelConfig):
@@ -57,7 +57,7 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int):
     """The GPTModel for this rank (its pipeline stage, its tensor-parallel shard), on its device.
 
     `max_seq_length` is the longest sequence of any phase (RoPE has no learned positions, so it
-    only bounds what the model accepts). Needs stages.distributed.init() first.
+    only bounds what the model accepts). Needs stages.engine.distributed.init() first.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -78,7 +78,7 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int):
         position_embedding_type="rope",
         rotary_base=model_cfg.rotary_base,
         # megatron's llama3 scaling fixes low/high_freq_factor 1/4 and original context 8192
-        # (stages.hf_mapping rejects other values); linear scaling = position interpolation
+        # (stages.engine.hf.weights rejects other values); linear scaling = position interpolation
         rope_scaling=model_cfg.rope_scaling == "llama3",
         rope_scaling_factor=model_cfg.rope_scaling_factor,
         seq_len_interpolation_factor=(model_cfg.rope_scaling_factor

@@ -15,6 +15,7 @@ live tensors that the next step modifies.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import random
@@ -22,13 +23,15 @@ import shutil
 import signal
 from multiprocessing.managers import SyncManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from stages.model import unwrap
+from data_recipes.config_fields import from_dict
+from stages.configs.model import ModelConfig
+from stages.engine.model import unwrap
 
 MARKER = "complete.json"
 PREFIX = "step-"
@@ -221,7 +224,7 @@ def save_at_step_end(root: str | os.PathLike, step: int, last_step: int, due: bo
     training time, agreed on by all ranks (common state must match). Returns the clock's restart."""
     import time
 
-    from stages import distributed, job
+    from stages.engine import distributed, job
 
     preempt = distributed.all_agree(job.preempt_requested())
     if due or step == last_step or preempt:
@@ -256,3 +259,21 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def params_sha256(model) -> str:
+    """SHA-256 over this rank's parameters in a fixed (name) order: equal iff bitwise equal."""
+    h = hashlib.sha256()
+    for name, p in sorted(unwrap(model).named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_model(spec_model: dict[str, Any], upstream_manifest: dict[str, Any],
+                     overrides: Optional[dict[str, Any]]) -> ModelConfig:
+    """The architecture of a stage that starts from another stage's checkpoint: the one recorded
+    in that stage's manifest (e.g. pretraining's last seq length and RoPE base), with this stage's
+    own `model:` overrides on top; the recipe's model when the upstream records none."""
+    base = upstream_manifest.get("model") or spec_model
+    return from_dict(ModelConfig, {**base, **(overrides or {})})

@@ -1,26 +1,62 @@
-"""Hugging Face Llama/Qwen3 <-> our megatron-core GPTModel: configs and weight names/layouts.
+"""Configs of the Hugging Face stages, `import` (an HF model directory -> a pipeline checkpoint)
+and `export` (a checkpoint -> an HF directory), and an HF config.json <-> our ModelConfig.
 
-Torch-free at import time: the driver (`pipeline.validate`) reads an HF config.json through
-`model_config_from_hf` to check a recipe before anything runs.
-
-Layouts that differ between the two (weights are [out, in] in both):
-  attention  HF q_proj [heads*d, h], k_proj/v_proj [groups*d, h]; megatron one linear_qkv whose
-             rows are grouped per KV group: for each group g, its q_per_group query heads, then
-             its key head, then its value head ([groups, (q_per_group + 2) * d, h]). That is
-             what lets a TP rank own whole groups: a contiguous row slice holds q, k and v of its
-             own heads (megatron-core 0.16.1, Attention.get_query_key_value_tensors).
-  MLP        HF gate_proj, up_proj; megatron linear_fc1 = [gate; up] (its SwiGLU chunks the output
-             in two and applies silu to the first half).
-  vocab      megatron's tables may be padded up to make_vocab_size_divisible_by: rows past the
-             HF vocab are zero on import and dropped on export.
-RoPE is the non-interleaved (rotate-half) form in both, so q/k rows need no permutation.
-"""
+Torch-free: the driver (`pipeline.validate`, `pipeline.plan`) reads an HF config.json through
+`read_hf_config` to check a recipe before anything runs. The weights' names and layouts are
+stages.engine.hf.weights."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
 
-from stages.config import ModelConfig, padded_vocab_size
+from data_recipes.config_fields import MISSING, ref
+from stages.configs.base import StageConfig
+from stages.configs.model import ModelConfig
+
+
+@dataclass(kw_only=True)
+class ImportConfig(StageConfig):
+    """A Hugging Face Llama/Qwen3 model directory as a pipeline checkpoint plus its tokenizer.
+
+    Later stages use it as `init:` (weights) and `tokenizer:`. Their recipe `model:` must describe
+    the same architecture: validation reads config.json and names every field that differs."""
+
+    kind: str = "import"
+    path: str = MISSING
+    """The HF model directory: config.json, *.safetensors (one file or an index), tokenizer.json.
+    Its contents are not hashed: put a version in the path (or `revision`) to rerun on a change."""
+    revision: str = ""
+    """Free text that is part of the stage hash (e.g. the hub commit the directory came from)."""
+    eod_token: Optional[str] = None
+    """The token that ends each document in `prepare` shards; default: the model's eos_token_id
+    (a chat model's eos may be its end-of-turn token, e.g. Qwen3's <|im_end|>)."""
+
+    def __post_init__(self):
+        if self.path != MISSING:  # like source paths: relative to where the recipe is loaded
+            self.path = os.path.abspath(os.path.expanduser(self.path))
+
+
+@dataclass(kw_only=True)
+class ExportConfig(StageConfig):
+    """A stage's latest checkpoint as a Hugging Face directory (safetensors, config.json,
+    generation_config.json, tokenizer files with our chat template) for transformers, no custom code."""
+
+    kind: str = "export"
+    init: str = ref()
+    """The stage whose latest checkpoint is exported (pretrain, sft, import, ...)."""
+    tokenizer: str = ref()
+    """A tokenizer stage (its sentencepiece model is converted) or an import stage (copied)."""
+    model: Optional[dict[str, Any]] = None
+    """Overrides of the recipe's `model` for this stage (must match the checkpoint)."""
+    dtype: str = "bfloat16"
+    """bfloat16 | float16 | float32: the safetensors dtype (conversion itself runs in fp32)."""
+
+    def __post_init__(self):
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype: {self.dtype!r}; one of bfloat16, float16, float32")
+
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
 
@@ -163,94 +199,3 @@ def hf_config(model: ModelConfig, vocab_size: int, dtype: str, special: dict[str
     else:
         cfg.update(mlp_bias=False, pretraining_tp=1)
     return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# weights. Names are the local layer spec's; the TransformerEngine spec fuses the two pre-norms
-# into the following linear layer, so their weights live under other names.
-
-TE_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-            "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
-
-
-def megatron_name(name: str, model_keys: set[str]) -> str:
-    """`name` (local spec) as the built model calls it (TE spec names when it uses those)."""
-    if name in model_keys:
-        return name
-    for local, te in TE_NAMES.items():
-        if name.endswith(local):
-            return name[: -len(local)] + te
-    return name
-
-
-def _layer_names(i: int) -> tuple[str, str]:
-    return f"decoder.layers.{i}.", f"model.layers.{i}."
-
-
-def _heads(model: ModelConfig) -> tuple[int, int, int]:
-    d = model.head_dim or model.hidden_size // model.num_attention_heads
-    return model.num_query_groups, model.num_attention_heads // model.num_query_groups, d
-
-
-def hf_to_megatron(get: Callable[[str], Any], model: ModelConfig,
-                   vocab_size: int) -> Iterator[tuple[str, Any]]:
-    """(megatron name, tensor) one at a time, reading HF tensors through `get(name)`, so a large
-    checkpoint is never held twice in memory."""
-    import torch
-
-    def embedding(name: str):
-        w = get(name)
-        pad = padded_vocab_size(vocab_size, model) - w.shape[0]
-        return torch.cat([w, w.new_zeros(pad, w.shape[1])]) if pad else w
-
-    yield "embedding.word_embeddings.weight", embedding("model.embed_tokens.weight")
-    groups, per_group, d = _heads(model)
-    for i in range(model.num_layers):
-        mg, hf = _layer_names(i)
-        a = hf + "self_attn."
-        h = model.hidden_size
-        q = get(a + "q_proj.weight").view(groups, per_group * d, h)
-        k = get(a + "k_proj.weight").view(groups, d, h)
-        v = get(a + "v_proj.weight").view(groups, d, h)
-        yield mg + "self_attention.linear_qkv.weight", torch.cat([q, k, v], 1).reshape(-1, h)
-        yield mg + "self_attention.linear_proj.weight", get(a + "o_proj.weight")
-        if model.qk_layernorm:
-            yield mg + "self_attention.q_layernorm.weight", get(a + "q_norm.weight")
-            yield mg + "self_attention.k_layernorm.weight", get(a + "k_norm.weight")
-        yield mg + "input_layernorm.weight", get(hf + "input_layernorm.weight")
-        yield mg + "pre_mlp_layernorm.weight", get(hf + "post_attention_layernorm.weight")
-        yield mg + "mlp.linear_fc1.weight", torch.cat([get(hf + "mlp.gate_proj.weight"),
-                                                       get(hf + "mlp.up_proj.weight")])
-        yield mg + "mlp.linear_fc2.weight", get(hf + "mlp.down_proj.weight")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    if not model.tie_embeddings:
-        yield "output_layer.weight", embedding("lm_head.weight")
-
-
-def megatron_to_hf(get: Callable[[str], Any], model: ModelConfig,
-                   vocab_size: int) -> Iterator[tuple[str, Any]]:
-    """(HF name, tensor) one at a time from megatron tensors `get(name)` (local-spec names)."""
-    yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")[:vocab_size]
-    groups, per_group, d = _heads(model)
-    for i in range(model.num_layers):
-        mg, hf = _layer_names(i)
-        a = hf + "self_attn."
-        qkv = get(mg + "self_attention.linear_qkv.weight")
-        qkv = qkv.view(groups, (per_group + 2) * d, qkv.shape[-1])
-        q, k, v = qkv.split([per_group * d, d, d], dim=1)
-        yield a + "q_proj.weight", q.reshape(-1, qkv.shape[-1])
-        yield a + "k_proj.weight", k.reshape(-1, qkv.shape[-1])
-        yield a + "v_proj.weight", v.reshape(-1, qkv.shape[-1])
-        yield a + "o_proj.weight", get(mg + "self_attention.linear_proj.weight")
-        if model.qk_layernorm:
-            yield a + "q_norm.weight", get(mg + "self_attention.q_layernorm.weight")
-            yield a + "k_norm.weight", get(mg + "self_attention.k_layernorm.weight")
-        yield hf + "input_layernorm.weight", get(mg + "input_layernorm.weight")
-        yield hf + "post_attention_layernorm.weight", get(mg + "pre_mlp_layernorm.weight")
-        gate, up = get(mg + "mlp.linear_fc1.weight").chunk(2)
-        yield hf + "mlp.gate_proj.weight", gate
-        yield hf + "mlp.up_proj.weight", up
-        yield hf + "mlp.down_proj.weight", get(mg + "mlp.linear_fc2.weight")
-    yield "model.norm.weight", get("decoder.final_layernorm.weight")
-    if not model.tie_embeddings:
-        yield "lm_head.weight", get("output_layer.weight")[:vocab_size]

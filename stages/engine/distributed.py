@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from stages import compat
+from stages.engine import compat
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ megatron-core assumes CUDA in a handful of spots. On a CPU-only torch we:
   - run the FP32 optimizer's init and the grad-norm with `device="cuda"` rewritten to cpu (#6);
   - swap `clip_grad_by_total_norm_fp32` (imported by name into two modules) for a version without
     the `torch.cuda.FloatTensor` assert (#7).
-Dropout RNG (#1/#2) is handled where the seed is set (stages.distributed) and the causal mask (#4)
+Dropout RNG (#1/#2) is handled where the seed is set (stages.engine.distributed) and the causal mask (#4)
 where the batch is built: both are inputs, not patches.
 
 `apply()` does nothing when CUDA is available, and is idempotent.

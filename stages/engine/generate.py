@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from data_recipes.generators import Generator
-from stages.model import unwrap
+from stages.engine.model import unwrap
 
 
 @dataclass
@@ -111,8 +111,8 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 def load_checkpoint_model(stage_dir: str, model_cfg, vocab_size: int):
     """A GPTModel of `model_cfg` with the latest checkpoint of `stage_dir` loaded, in eval mode."""
-    from stages.checkpoint import load_model_weights_only
-    from stages.model import build_model
+    from stages.engine.checkpoint import load_model_weights_only
+    from stages.engine.model import build_model
 
     model = build_model(model_cfg, vocab_size, model_cfg.seq_length)
     load_model_weights_only(stage_dir, model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from schedulers.fg_wsd import FGWSDSchedule
-from stages.config import OptimizerConfig
+from stages.configs.base import OptimizerConfig
 
 
 def build_ddp(model):

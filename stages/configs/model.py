@@ -1,0 +1,69 @@
+"""The model a recipe describes: a Llama-style decoder, and the arithmetic of its size.
+
+Torch-free on purpose: `pipeline plan` counts parameters before anything is built, and the stage
+jobs rebuild the same ModelConfig from their spec (stages.engine.model builds the GPTModel;
+tests/test_model.py checks `num_params` against it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, GQA, no biases."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    """SwiGLU inner size (Llama uses ~8/3 of hidden, rounded)."""
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    """GQA: number of key/value heads; equal to num_attention_heads for plain MHA."""
+    seq_length: int = 128
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = False
+    make_vocab_size_divisible_by: int = 128
+    """The tokenizer's vocabulary is padded up to a multiple of this (Megatron's convention)."""
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    head_dim: Optional[int] = None
+    """Per-head size (megatron's kv_channels); None = hidden_size / num_attention_heads. Qwen3
+    sets it apart (Qwen3-4B: hidden 2560, 32 heads, head_dim 128)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3)."""
+    rope_scaling: Optional[str] = None
+    """None | llama3 (Llama 3.x frequency scaling) | linear (position interpolation)."""
+    rope_scaling_factor: float = 1.0
+    """The factor of `rope_scaling` (ignored when it is None)."""
+
+    def __post_init__(self):
+        if self.rope_scaling not in (None, "llama3", "linear"):
+            raise ValueError(f"rope_scaling: {self.rope_scaling!r} is not supported; one of "
+                             "null, llama3, linear")
+
+
+def padded_vocab_size(vocab_size: int, model: ModelConfig) -> int:
+    """Megatron pads the embedding table up to a multiple (for TP splits and fast GEMMs)."""
+    multiple = model.make_vocab_size_divisible_by
+    return -(-vocab_size // multiple) * multiple
+
+
+def num_params(model: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the Llama-style GPTModel that stages.engine.model builds (analytic, torch-free)."""
+    h, layers = model.hidden_size, model.num_layers
+    head_dim = model.head_dim or h // model.num_attention_heads
+    q = model.num_attention_heads * head_dim
+    kv = model.num_query_groups * head_dim
+    attention = h * (q + 2 * kv) + q * h  # fused QKV (GQA) + output projection, no biases
+    mlp = h * 2 * model.ffn_hidden_size + model.ffn_hidden_size * h  # SwiGLU: gate+up, down
+    per_layer = attention + mlp + 2 * h  # + two RMSNorm weights
+    if model.qk_layernorm:
+        per_layer += 2 * head_dim  # one RMSNorm weight shared by all query heads, one for keys
+    vocab = padded_vocab_size(vocab_size, model)
+    embeddings = vocab * h * (1 if model.tie_embeddings else 2)
+    return layers * per_layer + h + embeddings  # + final norm
