@@ -28,10 +28,12 @@ from pathlib import Path
 import psutil
 
 from data_recipes.sources import iter_documents
-from data_recipes.tokenize import (init_ray, load_processor, tokenize_source_to_indexed,
-                                   train_sentencepiece)
+from data_recipes.indexed_shards import tokenize_source_to_indexed
+from data_recipes.ray_tasks import init_ray
+from data_recipes.tokenizer_loading import load_processor
+from data_recipes.tokenizer_training import train_sentencepiece
 from stages.contract import StageSpec, read_json, save_spec, write_manifest
-from stages.tokenizer import sha256_file
+from stages.contract import sha256_file
 
 CORES = os.cpu_count() or 1
 

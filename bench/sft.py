@@ -4,7 +4,7 @@
     python bench/sft.py --rounds 3 --steps 5
 
 (a) Step time: the same GPTModel, DDP and optimizer (the stages' own build functions); a pretrain
-    step (all tokens trained, plain causal mask, stages.pretrain.lm_loss) vs an SFT step (samples
+    step (all tokens trained, plain causal mask, stages.engine.losses.lm_loss) vs an SFT step (samples
     of ~60-200 tokens packed to seq 256, per-sample block-causal mask and positions, loss on
     assistant tokens only, stages.sft.train_step). Best round's median.
 (b) Generation (the sft_data engine backend and eval): new tokens/s and samples/s of
@@ -40,7 +40,7 @@ def bench_steps(args, info) -> tuple[float, float]:
     from data_recipes.sft_pack import pack
     from stages.engine.model import build_model
     from stages.engine.optim import build_ddp, build_optimizer
-    from stages.pretrain import lm_loss
+    from stages.engine.losses import lm_loss
     from schedulers.post_training import post_training_schedule
     from stages.sft import train_step
 

@@ -120,7 +120,8 @@ def plain_step_fn(cfg: ModelConfig, opt_cfg: OptimizerConfig, batch: int):
 def engine_step_fn(cfg: ModelConfig, opt_cfg: OptimizerConfig, batch: int):
     from stages.engine.model import build_model
     from stages.engine.optim import build_ddp, build_optimizer
-    from stages.pretrain import causal_mask, lm_loss
+    from stages.engine.losses import lm_loss
+    from stages.pretrain import causal_mask
 
     stage = PretrainConfig(tokenizer="-", data="-", global_batch_size=batch, micro_batch_size=batch,
                            optimizer=opt_cfg, lr=LRConfig(warmup_tokens=0, decay_tokens=0),

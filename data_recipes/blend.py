@@ -15,12 +15,36 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
-
-from schedulers.fg_wsd import Phase
+from typing import Any, Protocol
 
 PAD_ID = 3  # tokenizer convention: unk 0, bos 1, eos (= EOD) 2, pad 3
 SPLIT = "98,2,0"  # held-out documents per source for the end-of-phase eval
+
+
+class Phase(Protocol):
+    """What a blend needs of a phase laid out in steps: schedulers.fg_wsd.Phase has it (data_recipes
+    and schedulers do not import each other; the pretrain stage hands one to the other)."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def start_step(self) -> int: ...
+
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def seq_length(self) -> int: ...
+
+    @property
+    def global_batch_size(self) -> int: ...
+
+    @property
+    def mixture(self) -> tuple[tuple[str, float], ...]: ...
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""The generator interface of SFT data construction, and its HTTP and oracle backends.
+"""The generator interface of SFT data construction, and its HTTP backend.
 
 A `Generator` completes chats (`complete`). The refinement roles (draft, checklist, evaluate,
 revise, reconstruct CoT) and the judge roles (score, prefer) are prompts over `complete` defined
 once here, so any chat model can play any role; a programmatic oracle (data_recipes.oracles)
 overrides the roles it can do exactly. The third backend, a
 pipeline checkpoint sampled with the engine, is `stages.engine.generate.EngineGenerator` (it needs torch).
+`data_recipes.backends.build_generator` builds the http or oracle backend a config names.
 
 Every role method is batched: lists in, lists out, in order.
 """
@@ -278,14 +279,3 @@ class HTTPGenerator(Generator):
                 f.write(json.dumps({"key": key, "text": text}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-
-
-def build_generator(cfg: GeneratorConfig, cache_path: str | os.PathLike) -> Generator:
-    """An http or oracle backend (engine backends are built by the stage, which holds the model)."""
-    if cfg.kind == "http":
-        return HTTPGenerator(cfg, cache_path)
-    if cfg.kind == "oracle":
-        from data_recipes.oracles import build_oracle
-
-        return build_oracle(cfg)
-    raise ValueError(f"kind: {cfg.kind!r} is built by the stage job (engine)")

@@ -15,8 +15,10 @@ import re
 from functools import cache
 
 from data_recipes import arithmetic
+from data_recipes.code_tasks import make_code_tasks
 from data_recipes.generators import (CoT, GenerationError, Generator, GeneratorConfig, Verdict,
                                      answer_only)
+from data_recipes.verifiers import score_code_batch
 
 
 class _Seeded(Generator):
@@ -116,14 +118,12 @@ class ArithmeticOracle(_Seeded):
 @cache
 def code_tasks() -> dict:
     """Every tiny coding task (both splits) by its one-line instruction."""
-    from data_recipes.verifiers import make_code_tasks
-
     return {t.prompt: t for split in ("train", "heldout")
             for t in make_code_tasks(10_000, 0, split)}
 
 
 class CodeOracle(_Seeded):
-    """Writes and checks the tiny coding tasks (data_recipes.verifiers): the reference function in
+    """Writes and checks the tiny coding tasks (data_recipes.code_tasks): the reference function in
     a code block, checked by running the task's asserts in the sandbox. `error_rate`: that share
     of its drafts and revisions return a wrong value."""
 
@@ -150,8 +150,6 @@ class CodeOracle(_Seeded):
         return [list(self.CHECKLIST) for _ in prompts]
 
     def evaluate(self, prompts, checklists, answers):
-        from data_recipes.verifiers import score_code_batch
-
         results = score_code_batch(answers, [self._task(p).tests for p in prompts])
         out = []
         for items, answer, result in zip(checklists, answers, results):
@@ -184,8 +182,6 @@ class CodeOracle(_Seeded):
         return out
 
     def score(self, prompts, answers):
-        from data_recipes.verifiers import score_code_batch
-
         return [r.reward for r in score_code_batch(answers, [self._task(p).tests for p in prompts])]
 
 

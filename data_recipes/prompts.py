@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from data_recipes.arithmetic import make_problem
+from data_recipes.code_tasks import make_code_tasks
+from data_recipes.splits import in_heldout, text_id
 
 
 @dataclass
@@ -56,14 +58,6 @@ class Prompt:
     text: str
 
 
-def _id(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def in_heldout(text: str, fraction: float) -> bool:
-    return int(_id(text), 16) / 16 ** 16 < fraction
-
-
 def split_heldout(items: list, ids: list[str], n: int) -> tuple[list, list]:
     """(train, heldout) of `items`: the n with the smallest hashes of their ids are held out, so
     the split does not depend on the order or the number of items."""
@@ -77,10 +71,9 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
     """At most `cfg.num` distinct prompts, in a fixed order."""
     if cfg.kind == "jsonl":
         return _from_jsonl(cfg)
-    if cfg.kind == "code":
-        from data_recipes.rewards import load_tasks  # the task's asserts are part of its prompt
-
-        return [Prompt(t.id, t.prompt) for t in load_tasks(cfg)]
+    if cfg.kind == "code":  # the task's public asserts are part of its prompt
+        return [Prompt(t.id, t.prompt_with_tests)
+                for t in make_code_tasks(cfg.num, cfg.seed, cfg.split, cfg.heldout_fraction)]
     rng = random.Random(cfg.seed)
     want_heldout = cfg.split == "heldout"
     seen: dict[str, Prompt] = {}
@@ -89,7 +82,7 @@ def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
         tries += 1
         text = make_problem(rng, cfg.max_digits)["question"]
         if text not in seen and in_heldout(text, cfg.heldout_fraction) == want_heldout:
-            seen[text] = Prompt(_id(text), text)
+            seen[text] = Prompt(text_id(text), text)
     return list(seen.values())
 
 
@@ -104,7 +97,7 @@ def _from_jsonl(cfg: PromptsConfig) -> list[Prompt]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"prompts.path: {cfg.path}:{lineno}: not a JSON object with a "
                                  f"{cfg.field!r} field") from None
-            out.setdefault(text, Prompt(_id(text), text))
+            out.setdefault(text, Prompt(text_id(text), text))
             if len(out) >= cfg.num:
                 break
     return list(out.values())

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from data_recipes import arithmetic
+from data_recipes.code_tasks import make_code_tasks
 from data_recipes.config_fields import unhashed
 from data_recipes.generators import Generator, GeneratorConfig
 from data_recipes.prompts import PromptsConfig, load_prompts
+from data_recipes.verifiers import score_code_batch, score_math_batch
 
 
 @dataclass
@@ -53,10 +55,7 @@ class Task:
 def load_tasks(cfg: PromptsConfig) -> list[Task]:
     """The prompt set with each prompt's verification data."""
     if cfg.kind == "code":
-        from data_recipes.verifiers import make_code_tasks
-
-        return [Task(t.id, t.prompt + "\nIt must pass:\n" + "\n".join(t.public_tests),
-                     tests=t.tests)
+        return [Task(t.id, t.prompt_with_tests, tests=t.tests)
                 for t in make_code_tasks(cfg.num, cfg.seed, cfg.split, cfg.heldout_fraction)]
     prompts = load_prompts(cfg)
     if cfg.kind == "arithmetic":
@@ -81,8 +80,6 @@ class MathReward:
         self.workers = workers
 
     def score(self, tasks, responses, group_size):
-        from data_recipes.verifiers import score_math_batch
-
         missing = [t.id for t in tasks if t.answer is None]
         if missing:
             raise ValueError(f"reward: math needs a reference answer; {len(missing)} prompts have "
@@ -96,8 +93,6 @@ class CodeReward:
         self.workers = workers
 
     def score(self, tasks, responses, group_size):
-        from data_recipes.verifiers import score_code_batch
-
         tests = [t.tests for t in tasks for _ in range(group_size)]
         return [r.reward for r in score_code_batch(responses, tests, max_workers=self.workers)]
 

@@ -11,6 +11,7 @@ non-zero worker exit into its own exit code 1.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +27,16 @@ MANIFEST = "manifest.json"
 SPEC = "spec.json"
 EXIT_STATUS = "exit.json"
 LOG = "job.log"
+METRICS = "metrics.jsonl"
+"""Every metric the job logs, one JSON line per log call (step, time, name: value, ...)."""
+METRICS_SENT = "metrics.sent"
+"""How many lines of metrics.jsonl are in MLflow; the rest is sent by `pipeline sync`."""
+TRACKING_PENDING = "tracking_pending.jsonl"
+"""Artifacts and tables the job could not send to MLflow (replayed by `pipeline sync`)."""
+JOB_LOCK = "job.lock"
+"""flock-ed by the job's rank-0 worker for its whole life: one job per stage dir."""
+WORKERS = "workers"
+"""One `<rank>.pid` file per worker process of the latest job (the launcher watches them all)."""
 
 
 @dataclass
@@ -79,6 +90,14 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: list[Any]) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_spec(spec: StageSpec) -> Path:

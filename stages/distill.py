@@ -10,7 +10,7 @@
    computed once and saved (`reference_logps.json`): no third model is held during training.
    With `loss.teacher_topk` > 0 the teacher's top-k logits of every response token are saved too
    (`teacher_topk_{values,indices}.npy`) and the teacher is freed.
-3. Training (stages.distill_loss): per step, w_dpo * DPO(positive, negative) + w_pos * KD on the
+3. Training (stages.engine.losses): per step, w_dpo * DPO(positive, negative) + w_pos * KD on the
    positive's tokens + w_neg * KD on the negative's tokens, each term a mean over the global batch
    (pairs, positive tokens, negative tokens). Held-out pairs: teacher-student KL on their tokens and
    DPO accuracy, before training and after every epoch. Resume is bitwise, like SFT.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,26 +33,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_recipes.chat import Message, encode_chat, parse_assistant
-from data_recipes.generators import build_generator
+from data_recipes.backends import build_generator
+from data_recipes.chat import Message
+from data_recipes.config_fields import from_dict
+from data_recipes.generators import GeneratorConfig
 from data_recipes.pairs import ArithmeticVerifier, JudgeScorer, Pair, make_pairs
 from data_recipes.prompts import load_prompts, split_heldout
-from data_recipes.tokenizer import tokenizer_mismatch, tokenizer_of_stage
-from stages.engine import checkpoint as ckpt
-from stages import distill_loss as L
-from stages.engine import distributed, job
+from data_recipes.tokenizer_loading import tokenizer_mismatch
+from schedulers.post_training import post_training_schedule
 from stages.configs.post_training import DistillConfig
-from data_recipes.generators import GeneratorConfig
-from stages.engine.checkpoint import checkpoint_model
-from data_recipes.config_fields import from_dict
 from stages.contract import (MANIFEST, StageSpec, read_json, write_json_atomic,
                              write_jsonl_atomic)
+from stages.engine import distributed, job
+from stages.engine.checkpoint import checkpoint_model, params_sha256
 from stages.engine.generate import EngineGenerator, load_checkpoint_model
-from stages.engine.model import build_model
-from stages.engine.optim import build_ddp, build_optimizer, build_scheduler, current_lr
-from stages.engine.checkpoint import params_sha256
-from schedulers.post_training import post_training_schedule
+from stages.engine.losses import dpo_loss, logits_of, sequence_logps, token_logps
+from stages.engine.optim import current_lr
+from stages.engine.pair_batches import (TeacherLogits, encode_pair, make_batch, read_teacher_topk,
+                                        reference_logps, write_teacher_topk)
+from stages.engine.progress import Progress
+from stages.engine.tokenizer import tokenizer_of_stage
 from stages.engine.tracking import MetricLogger
+from stages.engine.training import (check_batch_split, job_world, optimizer_step,
+                                    start_training, zero_grad)
 
 # --- 1. pairs ------------------------------------------------------------------------------------
 
@@ -85,6 +87,7 @@ def build_pairs(spec: StageSpec, cfg: DistillConfig, tok, student, teacher, info
               f"({cfg.teacher_samples} teacher + {cfg.student_samples} student answers each)",
               flush=True)
     t0 = time.time()
+    progress = Progress(len(todo), "sampled shards", enabled=info.rank == 0)
     for k, i in enumerate(todo[info.dp_rank::info.dp_size]):
         shard = shards[i]
         texts = [p.text for p in shard]
@@ -94,11 +97,9 @@ def build_pairs(spec: StageSpec, cfg: DistillConfig, tok, student, teacher, info
         pairs = make_pairs([p.id for p in shard], texts, t_answers, s_answers, scorer,
                            cfg.filter.min_margin)
         write_jsonl_atomic(records / f"shard-{i:05d}.jsonl", [dataclasses.asdict(p) for p in pairs])
-        if info.rank == 0:
-            done = (k + 1) * info.dp_size
-            print(f"sampled {min(done, len(todo))}/{len(todo)} shards "
-                  f"({time.time() - t0:.0f} s, {sum(p.kept for p in pairs)}/{len(pairs)} kept "
-                  "in the last)", flush=True)
+        progress.update(min((k + 1) * info.dp_size, len(todo)), f"{time.time() - t0:.0f} s | "
+                        f"{sum(p.kept for p in pairs)}/{len(pairs)} kept in the last")
+    progress.close()
     distributed.barrier()
     pairs = []
     for i in range(len(shards)):
@@ -107,115 +108,7 @@ def build_pairs(spec: StageSpec, cfg: DistillConfig, tok, student, teacher, info
     return pairs
 
 
-# --- 2. batches and the per-token quantities of a micro-batch -----------------------------------
-
-
-def encode_pair(tok, pair: Pair, seq_length: int) -> list[tuple[list[int], list[int]]]:
-    """(ids, loss mask) of prompt + positive and of prompt + negative, cut to seq_length + 1."""
-    out = []
-    for answer in (pair.positive, pair.negative):
-        ids, mask = encode_chat(tok, [Message("user", pair.prompt), parse_assistant(answer)])
-        out.append((ids[:seq_length + 1], mask[:seq_length + 1]))
-    return out
-
-
-def make_batch(encoded: list[list[tuple[list[int], list[int]]]], idx: list[int], pad_id: int,
-               device) -> dict[str, torch.Tensor]:
-    """Rows [positives of idx..., negatives of idx...], right-padded to the longest row."""
-    rows = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
-    n = max(len(ids) for ids, _ in rows) - 1
-    tokens = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), n)
-    for r, (ids, m) in enumerate(rows):
-        k = len(ids) - 1
-        tokens[r, :k] = torch.tensor(ids[:-1])
-        labels[r, :k] = torch.tensor(ids[1:])
-        mask[r, :k] = torch.tensor(m[1:], dtype=torch.float)
-    batch = {"tokens": tokens, "labels": labels, "loss_mask": mask,
-             "position_ids": torch.arange(n).unsqueeze(0).expand(len(rows), -1),
-             # causal; the padding is at the end of each row and outside the loss mask
-             "attention_mask": torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), diagonal=1)}
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def logits_of(model, batch, vocab_size: int) -> torch.Tensor:
-    """[rows, seq, vocab] fp32 logits over the tokenizer's real vocabulary (padding rows cut)."""
-    out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                runtime_gather_output=True)
-    return out[..., :vocab_size].float()
-
-
-class TeacherLogits:
-    """The teacher's view of a micro-batch: online logits, or the saved top-k of every row."""
-
-    def __init__(self, teacher=None, topk: tuple[np.ndarray, np.ndarray] | None = None):
-        self.teacher, self.topk = teacher, topk
-
-    @torch.no_grad()
-    def divergence(self, student_logits, batch, idx: list[int], vocab_size: int,
-                   loss_cfg) -> torch.Tensor:
-        kw = dict(kind=loss_cfg.divergence, beta=loss_cfg.jsd_beta,
-                  temperature=loss_cfg.temperature)
-        if self.topk is None:
-            t_logits = logits_of(self.teacher, batch, vocab_size)
-            with torch.enable_grad():
-                return L.token_divergence(student_logits, t_logits, **kw)
-        values, indices = self.topk
-        rows = [2 * i for i in idx] + [2 * i + 1 for i in idx]
-        n = student_logits.shape[1]
-        v = torch.from_numpy(np.ascontiguousarray(values[rows, :n])).to(student_logits.device)
-        ix = torch.from_numpy(np.ascontiguousarray(indices[rows, :n])).long().to(v.device)
-        with torch.enable_grad():
-            return L.token_divergence_topk(student_logits, v, ix, **kw)
-
-
-@torch.no_grad()
-def reference_logps(model, encoded, pad_id: int, vocab_size: int, length_normalize: bool,
-                    batch_size: int, device) -> list[list[float]]:
-    """[positive, negative] sequence log-prob of every pair under `model` (the initial student)."""
-    out = []
-    for s in range(0, len(encoded), batch_size):
-        idx = list(range(s, min(s + batch_size, len(encoded))))
-        batch = make_batch(encoded, idx, pad_id, device)
-        lp = L.sequence_logps(L.token_logps(logits_of(model, batch, vocab_size), batch["labels"]),
-                              batch["loss_mask"], length_normalize)
-        m = len(idx)
-        out += [[float(lp[j]), float(lp[m + j])] for j in range(m)]
-    return out
-
-
-@torch.no_grad()
-def write_teacher_topk(teacher, encoded, pad_id: int, vocab_size: int, k: int, seq_length: int,
-                       batch_size: int, device, out: Path) -> None:
-    """The teacher's top-k logits and ids of every row ([2 * pairs, seq_length, k], row 2i the
-    positive of pair i, 2i + 1 its negative) as two .npy files, written through a memory map."""
-    shape = (2 * len(encoded), seq_length, k)
-    files = {name: out / f"teacher_topk_{name}.npy" for name in ("values", "indices")}
-    arrays = {name: np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+",
-                                              dtype=np.float32 if name == "values" else np.int32,
-                                              shape=shape) for name, path in files.items()}
-    for s in range(0, len(encoded), batch_size):
-        idx = list(range(s, min(s + batch_size, len(encoded))))
-        batch = make_batch(encoded, idx, pad_id, device)
-        top = logits_of(teacher, batch, vocab_size).topk(k, dim=-1)
-        n = batch["tokens"].shape[1]
-        rows = [2 * i for i in idx] + [2 * i + 1 for i in idx]
-        arrays["values"][rows, :n] = top.values.cpu().numpy()
-        arrays["indices"][rows, :n] = top.indices.cpu().numpy()
-    for name, path in files.items():
-        arrays[name].flush()
-        os.replace(path.with_suffix(".tmp.npy"), path)
-
-
-def read_teacher_topk(out: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    files = [out / f"teacher_topk_{name}.npy" for name in ("values", "indices")]
-    if not all(f.exists() for f in files):
-        return None
-    return tuple(np.load(f, mmap_mode="r") for f in files)
-
-
-# --- 3. training ---------------------------------------------------------------------------------
+# --- 2. training (batches, reference log-probs, teacher logits: stages.engine.pair_batches) ------
 
 
 def micro_losses(model, teacher: TeacherLogits, encoded, refs, idx: list[int], cfg: DistillConfig,
@@ -227,9 +120,9 @@ def micro_losses(model, teacher: TeacherLogits, encoded, refs, idx: list[int], c
     logits = logits_of(model, batch, vocab_size)
     m = len(idx)
     mask = batch["loss_mask"]
-    lp = L.sequence_logps(L.token_logps(logits, batch["labels"]), mask, lc.length_normalize)
+    lp = sequence_logps(token_logps(logits, batch["labels"]), mask, lc.length_normalize)
     ref = torch.tensor([refs[i] for i in idx], device=device)
-    dpo, st = L.dpo_loss(lp[:m], lp[m:], ref[:, 0], ref[:, 1], lc.dpo_beta)
+    dpo, st = dpo_loss(lp[:m], lp[m:], ref[:, 0], ref[:, 1], lc.dpo_beta)
     div = teacher.divergence(logits, batch, idx, vocab_size, lc)
     div = torch.where(mask.bool(), div, torch.zeros_like(div))  # padding may hold anything
     sums = {"dpo": dpo.sum(), "positive_kd": div[:m].sum(), "negative_kd": div[m:].sum()}
@@ -248,8 +141,7 @@ def train_step(model, optimizer, teacher, encoded, refs, idx: list[int], cfg: Di
                pad_id: int, vocab_size: int, info) -> dict[str, float]:
     """One optimizer step over this rank's pairs `idx`; every term is a mean over the global batch."""
     micro = [idx[i:i + cfg.micro_batch_size] for i in range(0, len(idx), cfg.micro_batch_size)]
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
+    zero_grad(model, optimizer)
     # normalisers first (token counts of all ranks), so each micro-batch's backward is final
     counts = {k: 0.0 for k in WEIGHTS}
     for mb in micro:
@@ -269,14 +161,12 @@ def train_step(model, optimizer, teacher, encoded, refs, idx: list[int], cfg: Di
             sums[k] += float(s[k].detach())
         for k in stats:
             stats[k] += st[k]
-    model.finish_grad_sync()
-    ok, grad_norm, _ = optimizer.step()
-    assert ok, "optimizer step skipped (non-finite gradients)"
+    grad_norm = optimizer_step(model, optimizer)
     out = {f"loss/{k}": distributed.dp_sum(torch.tensor(v)) / totals[k] for k, v in sums.items()}
     out["loss"] = sum(getattr(cfg.loss, WEIGHTS[k]) * out[f"loss/{k}"] for k in WEIGHTS)
     out.update({f"dpo/{k}": distributed.dp_sum(torch.tensor(v)) / totals["dpo"]
                 for k, v in stats.items()})
-    out["grad_norm"] = float(grad_norm)
+    out["grad_norm"] = grad_norm
     assert math.isfinite(out["loss"]), f"loss is {out['loss']}"
     return out
 
@@ -319,33 +209,25 @@ def data_order(n_train: int, cfg: DistillConfig) -> tuple[list[int], list[int]]:
     return order, epochs
 
 
-def run(spec: StageSpec) -> dict[str, Any]:
-    cfg = from_dict(DistillConfig, spec.config)
-    info = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
-    try:
-        return _run(spec, cfg, info)
-    finally:
-        distributed.teardown()
-
-
-def _run(spec: StageSpec, cfg: DistillConfig, info) -> dict[str, Any]:
-    out, is_rank0, t_start = spec.out, info.rank == 0, time.time()
-    if cfg.parallel.pipeline != 1:
-        raise ValueError("parallel.pipeline > 1 is not supported by the distill loop yet")
+def checked_tokenizer(spec: StageSpec):
+    """The student's tokenizer, checked against the teacher's before any work: a mismatch makes
+    the KD meaningless."""
     tok = tokenizer_of_stage(spec.inputs["tokenizer"])
-    if spec.inputs.get("teacher_tokenizer"):  # before any work: a mismatch makes the KD meaningless
+    if spec.inputs.get("teacher_tokenizer"):
         why = tokenizer_mismatch(tok, tokenizer_of_stage(spec.inputs["teacher_tokenizer"]))
         if why:
             raise ValueError(f"teacher_tokenizer: the teacher's tokenizer is not the student's: "
                              f"{why}; distillation compares token distributions, so both must "
                              "use one tokenizer")
-    vocab = tok.vocab_size
+    return tok
+
+
+def frozen_models(spec: StageSpec, cfg: DistillConfig, vocab: int, is_rank0: bool):
+    """(student config, teacher config, the frozen teacher, the initial student)."""
     student_cfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["student"]) / MANIFEST),
                                    cfg.model)
     teacher_cfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["teacher"]) / MANIFEST),
                                    cfg.teacher_model)
-    seq_length = student_cfg.seq_length
-    logger = MetricLogger(spec, info.rank)
     teacher = load_checkpoint_model(spec.inputs["teacher"], teacher_cfg, vocab)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -353,117 +235,140 @@ def _run(spec: StageSpec, cfg: DistillConfig, info) -> dict[str, Any]:
     if is_rank0:
         print(f"student {student_cfg.num_layers}x{student_cfg.hidden_size}, teacher "
               f"{teacher_cfg.num_layers}x{teacher_cfg.hidden_size}", flush=True)
+    return student_cfg, teacher_cfg, teacher, initial
 
-    # 1. pairs
-    pairs_file = out / "pairs.jsonl"
+
+def load_pairs(spec: StageSpec, cfg: DistillConfig, tok, initial, teacher, info, logger):
+    """Every pair (sampled once, then read back from pairs.jsonl), the kept ones split into
+    training and held-out pairs, and the pair statistics."""
+    pairs_file = spec.out / "pairs.jsonl"
     if pairs_file.exists():
         pairs = [Pair(**json.loads(line)) for line in pairs_file.read_text().splitlines()]
     else:
         t0 = time.time()
         pairs = build_pairs(spec, cfg, tok, initial, teacher, info)
-        if is_rank0:
+        if info.rank == 0:
             write_jsonl_atomic(pairs_file, [dataclasses.asdict(p) for p in pairs])
         distributed.barrier()
         logger.log(0, {"pairs/sampling_s": time.time() - t0})
     kept = [p for p in pairs if p.kept]
     train, held = split_heldout(kept, [p.id for p in kept], cfg.heldout_pairs)
-    pair_stats = {"pairs/sampled": len(pairs), "pairs/kept": len(kept),
-                  "pairs/kept_fraction": len(kept) / len(pairs),
-                  "pairs/teacher_score": float(np.mean([np.mean(p.teacher_scores) for p in pairs])),
-                  "pairs/student_score": float(np.mean([np.mean(p.student_scores) for p in pairs])),
-                  "pairs/train": len(train), "pairs/heldout": len(held)}
-    logger.log(0, pair_stats)
-    if is_rank0:
-        print(" | ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in pair_stats.items()), flush=True)
+    stats = {"pairs/sampled": len(pairs), "pairs/kept": len(kept),
+             "pairs/kept_fraction": len(kept) / len(pairs),
+             "pairs/teacher_score": float(np.mean([np.mean(p.teacher_scores) for p in pairs])),
+             "pairs/student_score": float(np.mean([np.mean(p.student_scores) for p in pairs])),
+             "pairs/train": len(train), "pairs/heldout": len(held)}
+    logger.log(0, stats)
+    if info.rank == 0:
+        print(" | ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in stats.items()), flush=True)
         logger.artifact(pairs_file)
-    per_step = cfg.global_batch_size
-    if per_step % (cfg.micro_batch_size * info.dp_size):
-        raise ValueError(f"global_batch_size ({per_step}) must be a multiple of micro_batch_size "
-                         f"({cfg.micro_batch_size}) x data-parallel size ({info.dp_size})")
-    order, epoch_of = data_order(len(train), cfg)
-    total_steps = len(order) // per_step
-    if total_steps < 1:
-        raise ValueError(f"filter: {len(train)} training pairs kept (of {len(pairs)} sampled) make "
-                         f"less than one step of global_batch_size {per_step}; sample more prompts "
-                         "or loosen the filter")
-    encoded = [encode_pair(tok, p, seq_length) for p in train + held]
-    held_idx = list(range(len(train), len(train) + len(held)))
+    return pairs, train, held, stats
 
-    # 2. reference log-probs (and the teacher's top-k), once
+
+def reference_once(out, cfg: DistillConfig, initial, encoded, pad_id: int, vocab: int, info):
+    """DPO's reference log-probs of every pair, computed once (reference_logps.json)."""
     refs_file = out / "reference_logps.json"
     if not refs_file.exists():
-        refs = reference_logps(initial, encoded, tok.pad_id, vocab, cfg.loss.length_normalize,
+        refs = reference_logps(initial, encoded, pad_id, vocab, cfg.loss.length_normalize,
                                cfg.micro_batch_size, info.device)
-        if is_rank0:
+        if info.rank == 0:
             write_json_atomic(refs_file, refs)
         distributed.barrier()
-    refs = json.loads(refs_file.read_text())
-    del initial
-    if cfg.loss.teacher_topk:
-        if read_teacher_topk(out) is None and is_rank0:
-            write_teacher_topk(teacher, encoded, tok.pad_id, vocab, cfg.loss.teacher_topk,
-                               seq_length, cfg.micro_batch_size, info.device, out)
-        distributed.barrier()
-        teacher_view = TeacherLogits(topk=read_teacher_topk(out))
-        del teacher  # freed: the cached top-k replaces it
-    else:
-        teacher_view = TeacherLogits(teacher=teacher)
+    return json.loads(refs_file.read_text())
 
-    # 3. training
-    schedule = post_training_schedule(cfg.lr, total_steps, cfg.global_batch_size, seq_length,
-                            student_cfg.rotary_base)
-    model = build_ddp(build_model(student_cfg, vocab, seq_length))
-    optimizer = build_optimizer(model, cfg.optimizer, schedule)
-    ckpt_root = out / "checkpoints"
-    state = ckpt.resume_or_start(ckpt_root, model, optimizer, spec.inputs["student"],
-                                 {"step": 0, "heldout": {}, "last": {}, "seconds": 0.0})
-    step = state["step"]
-    scheduler = build_scheduler(optimizer, schedule, cfg.optimizer.weight_decay, step)
-    args = (encoded, refs)
-    if step == 0 and held_idx:
-        state["heldout"]["0"] = heldout_metrics(model, teacher_view, *args, held_idx, cfg,
-                                                tok.pad_id, vocab, info)
-        logger.log(0, state["heldout"]["0"])
-    if is_rank0:
-        print(f"{len(train)} training pairs, {len(held)} held out; {cfg.epochs} epochs -> "
-              f"{total_steps} steps", flush=True)
-    t_loop, first_step = time.time(), step
-    while step < total_steps:
-        idx = order[step * per_step:(step + 1) * per_step][info.dp_rank::info.dp_size]
-        lr = current_lr(optimizer)
-        t_step = time.time()
-        metrics = train_step(model, optimizer, teacher_view, *args, idx, cfg, tok.pad_id, vocab,
-                             info)
-        metrics.update(lr=lr, step_s=distributed.all_max(time.time() - t_step),  # ranks agree
-                       epoch=epoch_of[step * per_step])
-        scheduler.step(1)
-        step += 1
-        state["last"] = metrics
-        logger.log(step - 1, metrics)
-        if is_rank0 and (step % cfg.log_every == 0 or step == total_steps):
-            eta = (time.time() - t_loop) / (step - first_step) * (total_steps - step)
-            print(f"step {step}/{total_steps} | loss {metrics['loss']:.4f} | dpo "
-                  f"{metrics['loss/dpo']:.4f} | kd+ {metrics['loss/positive_kd']:.4f} | kd- "
-                  f"{metrics['loss/negative_kd']:.4f} | acc {metrics['dpo/accuracy']:.2f} | "
-                  f"{metrics['step_s'] * 1000:.0f} ms/step | ETA {eta:,.0f}s", flush=True)
-        epoch_done = step == total_steps or epoch_of[step * per_step] != epoch_of[(step - 1) * per_step]
-        if epoch_done and held_idx:
-            h = heldout_metrics(model, teacher_view, *args, held_idx, cfg, tok.pad_id, vocab, info)
-            state["heldout"][str(epoch_of[(step - 1) * per_step] + 1)] = h
-            logger.log(step - 1, h)
-            if is_rank0:
-                print("held out: " + " | ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in h.items()),
-                      flush=True)
-        state["scheduler_steps"] = scheduler.num_steps
-        t_start = ckpt.save_at_step_end(ckpt_root, step, total_steps,
-                                        step % cfg.checkpoint_every == 0, model, optimizer, state,
-                                        cfg.keep_checkpoints, logger, t_start)
-    logger.close()
-    return {"final_step": step, "final": state["last"], "heldout": state["heldout"],
-            **{k.replace("/", "_"): v for k, v in pair_stats.items()},
-            "pairs": str(pairs_file.resolve()), "checkpoint": str(ckpt.step_dir(ckpt_root, step)),
-            "params_sha256": params_sha256(model), "model": dataclasses.asdict(student_cfg),
-            "teacher_model": dataclasses.asdict(teacher_cfg), "seconds": state["seconds"]}
+
+def teacher_view_of(out, cfg: DistillConfig, teacher, encoded, pad_id: int, vocab: int,
+                    seq_length: int, info) -> TeacherLogits:
+    """The teacher online, or (loss.teacher_topk > 0) its top-k cached once on disk, after which
+    the caller may free the teacher."""
+    if not cfg.loss.teacher_topk:
+        return TeacherLogits(teacher=teacher)
+    if read_teacher_topk(out) is None and info.rank == 0:
+        write_teacher_topk(teacher, encoded, pad_id, vocab, cfg.loss.teacher_topk, seq_length,
+                           cfg.micro_batch_size, info.device, out)
+    distributed.barrier()
+    return TeacherLogits(topk=read_teacher_topk(out))
+
+
+def run(spec: StageSpec) -> dict[str, Any]:
+    cfg = from_dict(DistillConfig, spec.config)
+    with job_world(cfg.parallel, cfg.seed, "distill") as info:
+        # --- setup: 1. pairs; 2. the frozen models' views of them; the student, resumed -----------
+        out, is_rank0, t_start = spec.out, info.rank == 0, time.time()
+        tok = checked_tokenizer(spec)
+        vocab, pad_id = tok.vocab_size, tok.pad_id
+        logger = MetricLogger(spec, info.rank)
+        student_cfg, teacher_cfg, teacher, initial = frozen_models(spec, cfg, vocab, is_rank0)
+        seq_length = student_cfg.seq_length
+        pairs, train, held, pair_stats = load_pairs(spec, cfg, tok, initial, teacher, info, logger)
+        per_step = cfg.global_batch_size
+        check_batch_split(per_step, cfg.micro_batch_size, info.dp_size)
+        order, epoch_of = data_order(len(train), cfg)
+        total_steps = len(order) // per_step
+        if total_steps < 1:
+            raise ValueError(f"filter: {len(train)} training pairs kept (of {len(pairs)} sampled) "
+                             f"make less than one step of global_batch_size {per_step}; sample "
+                             "more prompts or loosen the filter")
+        encoded = [encode_pair(tok, p, seq_length) for p in train + held]
+        held_idx = list(range(len(train), len(train) + len(held)))
+        args = (encoded, reference_once(out, cfg, initial, encoded, pad_id, vocab, info))
+        del initial
+        teacher_view = teacher_view_of(out, cfg, teacher, encoded, pad_id, vocab, seq_length, info)
+        del teacher  # with a cached top-k nothing holds it any more: freed
+        schedule = post_training_schedule(cfg.lr, total_steps, cfg.global_batch_size, seq_length,
+                                          student_cfg.rotary_base)
+        trainer = start_training(out, cfg, student_cfg, vocab, seq_length, schedule,
+                                 spec.inputs["student"],
+                                 {"step": 0, "heldout": {}, "last": {}, "seconds": 0.0},
+                                 started=t_start)
+        model, optimizer, state = trainer.model, trainer.optimizer, trainer.state
+        step = state["step"]
+        if step == 0 and held_idx:
+            state["heldout"]["0"] = heldout_metrics(model, teacher_view, *args, held_idx, cfg,
+                                                    pad_id, vocab, info)
+            logger.log(0, state["heldout"]["0"])
+        if is_rank0:
+            print(f"{len(train)} training pairs, {len(held)} held out; {cfg.epochs} epochs -> "
+                  f"{total_steps} steps", flush=True)
+
+        # --- 3. the loop --------------------------------------------------------------------------
+        progress = Progress(total_steps, done=step, every=cfg.log_every, enabled=is_rank0)
+        while step < total_steps:
+            idx = order[step * per_step:(step + 1) * per_step][info.dp_rank::info.dp_size]
+            lr = current_lr(optimizer)
+            t_step = time.time()
+            metrics = train_step(model, optimizer, teacher_view, *args, idx, cfg, pad_id, vocab,
+                                 info)
+            metrics.update(lr=lr, step_s=distributed.all_max(time.time() - t_step),  # ranks agree
+                           epoch=epoch_of[step * per_step])
+            trainer.scheduler.step(1)
+            step += 1
+            state["last"] = metrics
+            logger.log(step - 1, metrics)
+            progress.update(step, f"loss {metrics['loss']:.4f} | dpo {metrics['loss/dpo']:.4f} | "
+                                  f"kd+ {metrics['loss/positive_kd']:.4f} | kd- "
+                                  f"{metrics['loss/negative_kd']:.4f} | acc "
+                                  f"{metrics['dpo/accuracy']:.2f} | "
+                                  f"{metrics['step_s'] * 1000:.0f} ms/step")
+            if held_idx and (step == total_steps
+                             or epoch_of[step * per_step] != epoch_of[(step - 1) * per_step]):
+                h = heldout_metrics(model, teacher_view, *args, held_idx, cfg, pad_id, vocab, info)
+                state["heldout"][str(epoch_of[(step - 1) * per_step] + 1)] = h
+                logger.log(step - 1, h)
+                progress.write("held out: " + " | ".join(f"{k.split('/')[1]} {v:.4f}"
+                                                         for k, v in h.items()))
+            state["scheduler_steps"] = trainer.scheduler.num_steps
+            trainer.end_step(step, total_steps, logger)
+
+        # --- manifest -----------------------------------------------------------------------------
+        progress.close()
+        logger.close()
+        return {"final_step": step, "final": state["last"], "heldout": state["heldout"],
+                **{k.replace("/", "_"): v for k, v in pair_stats.items()},
+                "pairs": str((out / "pairs.jsonl").resolve()),
+                "checkpoint": str(trainer.checkpoint()),
+                "params_sha256": params_sha256(model), "model": dataclasses.asdict(student_cfg),
+                "teacher_model": dataclasses.asdict(teacher_cfg), "seconds": state["seconds"]}
 
 
 if __name__ == "__main__":

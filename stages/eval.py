@@ -22,17 +22,18 @@ from typing import Any
 
 from data_recipes.arithmetic import check_answer
 from data_recipes.chat import Message, final_text
-from data_recipes.rewards import Task, build_reward, load_tasks
-from data_recipes.tokenizer import tokenizer_of_stage
-from stages.engine import distributed, job
-from stages.configs.eval import EvalConfig
-from data_recipes.generators import GeneratorConfig
-from data_recipes.rewards import RewardConfig
-from stages.engine.checkpoint import checkpoint_model
 from data_recipes.config_fields import from_dict
+from data_recipes.generators import GeneratorConfig
+from data_recipes.rewards import RewardConfig, Task, build_reward, load_tasks
+from stages.configs.eval import EvalConfig
 from stages.contract import MANIFEST, StageSpec, read_json
+from stages.engine import job
+from stages.engine.checkpoint import checkpoint_model
 from stages.engine.generate import EngineGenerator, load_checkpoint_model
+from stages.engine.progress import Progress
+from stages.engine.tokenizer import tokenizer_of_stage
 from stages.engine.tracking import MetricLogger
+from stages.engine.training import job_world
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -65,8 +66,7 @@ _FUNCTION = re.compile(r"```python\n\s*def ")
 
 def run(spec: StageSpec) -> dict[str, Any]:
     cfg = from_dict(EvalConfig, spec.config)
-    info = distributed.init(seed=cfg.seed)
-    try:
+    with job_world(seed=cfg.seed) as info:
         if info.world_size != 1:
             raise ValueError("eval runs as one process (launcher.nproc_per_node: 1)")
         t0 = time.time()
@@ -80,18 +80,21 @@ def run(spec: StageSpec) -> dict[str, Any]:
                              f"{cfg.prompts.answer_field!r} to be scored")
         chats = [[Message("user", t.prompt)] for t in tasks]
         logger = MetricLogger(spec)
+        # greedy, then `samples` sampled answers per prompt
+        progress = Progress(len(tasks) * (1 + cfg.samples), "answers", min_interval_s=30.0)
 
         def answers(temperature: float, seed: int) -> list[str]:
             gen = EngineGenerator(model, tok, GeneratorConfig(
                 kind="engine", temperature=temperature, top_p=cfg.top_p,
                 max_tokens=cfg.max_new_tokens, seed=seed, batch_size=cfg.batch_size,
                 prompt_format=cfg.prompt_format, completion_template=cfg.completion_template,
-                stop=list(cfg.stop)))
+                stop=list(cfg.stop)), progress)
             return gen.complete(chats)
 
         greedy = answers(0.0, cfg.seed)
         greedy_ok = score(tasks, greedy, cfg.prompt_format, kind)
         sampled = [answers(cfg.temperature, cfg.seed + 1 + j) for j in range(cfg.samples)]
+        progress.close()
         per_sample = [score(tasks, s, cfg.prompt_format, kind) for s in sampled]
         correct = [sum(ok[i] for ok in per_sample) for i in range(len(tasks))]
         result: dict[str, Any] = {"prompts": len(tasks),
@@ -114,8 +117,6 @@ def run(spec: StageSpec) -> dict[str, Any]:
         print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in result.items()), flush=True)
         return {**result, "checkpoint_of": spec.inputs["init"], "samples_file": str(table)}
-    finally:
-        distributed.teardown()
 
 
 if __name__ == "__main__":

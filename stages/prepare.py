@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from data_recipes.sources import iter_documents
-from data_recipes.tokenize import tokenize_source_to_indexed
+from data_recipes.indexed_shards import tokenize_source_to_indexed
 from stages.engine import job
 from stages.configs.data import PrepareConfig
 from data_recipes.config_fields import from_dict
-from stages.contract import MANIFEST, StageSpec, read_json, write_json_atomic
-from stages.tokenizer import sha256_file
+from stages.contract import MANIFEST, StageSpec, read_json, sha256_file, write_json_atomic
 from stages.engine.tracking import MetricLogger
 
 PROGRESS_EVERY_S = 5.0

@@ -22,18 +22,21 @@ from typing import Any
 import torch
 
 from data_recipes.blend import build_phase_datasets, rank_micro_batches, step_samples
-from schedulers.mixture import all_sources
-from stages.engine import checkpoint as ckpt
-from stages.engine.checkpoint import params_sha256
-from stages.engine import distributed, job
-from stages.configs.model import ModelConfig, num_params
-from stages.configs.pretrain import PretrainConfig
 from data_recipes.config_fields import from_dict
 from schedulers.fg_wsd import pretrain_schedule
+from schedulers.mixture import all_sources
+from stages.configs.model import ModelConfig, num_params
+from stages.configs.pretrain import PretrainConfig
 from stages.contract import MANIFEST, StageSpec, read_json
-from stages.engine.model import build_model, set_rotary_base
-from stages.engine.optim import build_ddp, build_optimizer, build_scheduler, current_lr
+from stages.engine import distributed, job
+from stages.engine.checkpoint import params_sha256, step_dir
+from stages.engine.losses import lm_loss
+from stages.engine.model import set_rotary_base
+from stages.engine.optim import current_lr
+from stages.engine.progress import Progress
 from stages.engine.tracking import MetricLogger
+from stages.engine.training import (check_batch_split, job_world, optimizer_step,
+                                    start_training, zero_grad)
 
 DATA_ORDER = "data_order.jsonl"
 
@@ -44,13 +47,9 @@ def load_configs(spec: StageSpec) -> tuple[PretrainConfig, ModelConfig]:
 
 def check_batching(cfg: PretrainConfig, schedule, dp_size: int) -> None:
     """Every phase's global batch must split into whole micro-batches on every DP rank."""
-    if cfg.parallel.pipeline != 1:
-        raise ValueError("parallel.pipeline > 1 is not supported by the pretrain loop yet; set it to 1")
     for phase in schedule.phases:
-        if phase.global_batch_size % (cfg.micro_batch_size * dp_size):
-            raise ValueError(f"phases[{phase.index}]: global_batch_size ({phase.global_batch_size})"
-                             f" must be a multiple of micro_batch_size ({cfg.micro_batch_size}) x "
-                             f"data-parallel size ({dp_size})")
+        check_batch_split(phase.global_batch_size, cfg.micro_batch_size, dp_size,
+                          f"phases[{phase.index}]: ")
 
 
 def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor | None:
@@ -66,28 +65,18 @@ def collate(dataset, indices, device: torch.device) -> dict[str, torch.Tensor]:
             for k in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor], mask) -> torch.Tensor:
-    """Mean next-token loss over the tokens the loss mask keeps (pads are masked)."""
-    losses = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
-    loss_mask = batch["loss_mask"].float()
-    return (losses.float() * loss_mask).sum() / loss_mask.sum()
-
-
 def train_step(model, optimizer, dataset, micro_batches, mask, device) -> tuple[float, float]:
     """Forward/backward over this rank's micro-batches, DP grad all-reduce, optimizer step."""
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
+    zero_grad(model, optimizer)
     total = torch.zeros((), device=device)
     for indices in micro_batches:
         loss = lm_loss(model, collate(dataset, indices, device), mask)
         (loss / len(micro_batches)).backward()
         total += loss.detach()
-    model.finish_grad_sync()  # averages the fp32 grad buffers over data-parallel ranks
-    ok, grad_norm, _ = optimizer.step()
-    assert ok, "optimizer step skipped (non-finite gradients)"
+    grad_norm = optimizer_step(model, optimizer)
     loss = distributed.dp_mean(total / len(micro_batches))
     assert math.isfinite(loss), f"loss is {loss}"
-    return loss, float(grad_norm)
+    return loss, grad_norm
 
 
 @torch.no_grad()
@@ -108,6 +97,13 @@ def tokens_sha256(dataset, indices) -> str:
     for i in indices:
         h.update(dataset[i]["tokens"].numpy().tobytes())
     return h.hexdigest()
+
+
+def record_data_order(path: Path, step: int, phase, samples, dataset) -> None:
+    """A line per step (its 0-based index): which samples it trained on, and their tokens' hash."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "phase": phase.index, "samples": list(samples),
+                            "tokens_sha256": tokens_sha256(dataset, samples)}) + "\n")
 
 
 def truncate_data_order(path: Path, step: int) -> None:
@@ -138,34 +134,31 @@ def run(spec: StageSpec) -> dict[str, Any]:
     t_start = time.time()
     cfg, model_cfg = load_configs(spec)
     out = spec.out
-    info = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
-    is_rank0 = info.rank == 0
-    try:
+    with job_world(cfg.parallel, cfg.seed, "pretrain") as info:
+        # --- setup: data, schedule, model/optimizer resumed (or from `init` weights) --------------
+        is_rank0 = info.rank == 0
         manifest = read_json(Path(spec.inputs["data"]) / MANIFEST)
         schedule = pretrain_schedule(cfg, model_cfg)
         check_batching(cfg, schedule, info.dp_size)
         sources = all_sources(schedule)
-        model = build_model(model_cfg, manifest["vocab_size"],
-                            max(p.seq_length for p in schedule.phases))
-        model = build_ddp(model)
-        optimizer = build_optimizer(model, cfg.optimizer, schedule)
         logger = MetricLogger(spec, info.rank)
-
-        # --- resume, or start (from `init` weights when given) ----------------------------------
-        ckpt_root = out / "checkpoints"
-        state = ckpt.resume_or_start(ckpt_root, model, optimizer, spec.inputs.get("init"),
-                                     {"step": 0, "eval_losses": {}, "loss": None, "seconds": 0.0})
+        trainer = start_training(out, cfg, model_cfg, manifest["vocab_size"],
+                                 max(p.seq_length for p in schedule.phases), schedule,
+                                 spec.inputs.get("init"),
+                                 {"step": 0, "eval_losses": {}, "loss": None, "seconds": 0.0},
+                                 started=t_start)
+        model, optimizer, scheduler, state = (trainer.model, trainer.optimizer, trainer.scheduler,
+                                              trainer.state)
         step = state["step"]
-        scheduler = build_scheduler(optimizer, schedule, cfg.optimizer.weight_decay, step)
         assert scheduler.num_steps == state.get("scheduler_steps", step)
         data_order = out / DATA_ORDER
         if is_rank0:
             truncate_data_order(data_order, step)
             log_start(logger, cfg, model_cfg, schedule, out)
 
-        # --- the loop ----------------------------------------------------------------------------
+        # --- the loop -----------------------------------------------------------------------------
         data = None
-        t_loop, first_step = time.time(), step
+        progress = Progress(schedule.total_steps, done=step, every=cfg.log_every, enabled=is_rank0)
         while step < schedule.total_steps:
             phase = schedule.phase_at(step)
             if data is None or data.phase is not phase:  # entering a phase (or resuming into one)
@@ -190,18 +183,12 @@ def run(spec: StageSpec) -> dict[str, Any]:
             # --- record: data order, metrics, progress (by the 0-based index of the step done) ----
             tokens = schedule.tokens_at(step)
             if is_rank0:
-                with open(data_order, "a") as f:
-                    f.write(json.dumps({"step": step - 1, "phase": phase.index,
-                                        "samples": list(samples),
-                                        "tokens_sha256": tokens_sha256(data.train, samples)}) + "\n")
+                record_data_order(data_order, step - 1, phase, samples, data.train)
             logger.log(step - 1, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                              "tokens_per_s": tokens_per_s, "phase": phase.index,
-                              **{f"mixture/{s}": phase.weights.get(s, 0.0) for s in sources}})
-            if is_rank0 and (step % cfg.log_every == 0 or step == schedule.total_steps):
-                eta = (time.time() - t_loop) / (step - first_step) * (schedule.total_steps - step)
-                print(f"step {step}/{schedule.total_steps} | {phase.name} | "
-                      f"loss {loss:.4f} | lr {lr:.3e} | tokens {tokens:,} | "
-                      f"{tokens_per_s:,.0f} tok/s | ETA {eta:,.0f}s", flush=True)
+                                  "tokens_per_s": tokens_per_s, "phase": phase.index,
+                                  **{f"mixture/{s}": phase.weights.get(s, 0.0) for s in sources}})
+            progress.update(step, f"{phase.name} | loss {loss:.4f} | lr {lr:.3e} | tokens "
+                                  f"{tokens:,} | {tokens_per_s:,.0f} tok/s")
 
             # --- phase end: held-out eval; checkpoints; preemption -----------------------------
             phase_end = step == phase.end_step
@@ -212,23 +199,21 @@ def run(spec: StageSpec) -> dict[str, Any]:
                 logger.log(step - 1, {"eval/loss": eval_loss, f"eval/{phase.name}/loss": eval_loss})
             state.update(scheduler_steps=scheduler.num_steps,
                          data={"phase": phase.index, "next_sample": samples.stop})
-            t_start = ckpt.save_at_step_end(ckpt_root, step, schedule.total_steps,
-                                            step % cfg.checkpoint_every == 0 or phase_end, model,
-                                            optimizer, state, cfg.keep_checkpoints, logger, t_start)
+            trainer.end_step(step, schedule.total_steps, logger, due=phase_end)
 
+        # --- manifest -----------------------------------------------------------------------------
+        progress.close()
         logger.close()
-        final = ckpt.step_dir(ckpt_root, schedule.total_steps)
+        last = schedule.phases[-1]
         return {"final_step": step, "tokens": schedule.tokens_at(step), "final_loss": state["loss"],
-                "eval_losses": state["eval_losses"], "checkpoint": str(final),
+                "eval_losses": state["eval_losses"],
+                "checkpoint": str(step_dir(trainer.ckpt_root, schedule.total_steps)),
                 "params_sha256": params_sha256(model),
                 "num_params": num_params(model_cfg, manifest["vocab_size"]),
                 # what a stage starting from this checkpoint must build (the last phase's context)
                 "model": dataclasses.asdict(dataclasses.replace(
-                    model_cfg, seq_length=schedule.phases[-1].seq_length,
-                    rotary_base=schedule.phases[-1].rotary_base)),
+                    model_cfg, seq_length=last.seq_length, rotary_base=last.rotary_base)),
                 "seconds": state["seconds"]}
-    finally:
-        distributed.teardown()
 
 
 if __name__ == "__main__":  # dist_checkpointing spawns helper processes: they re-import __main__

@@ -11,7 +11,7 @@ always runs exactly one: stem, then code, then align, each from the previous one
 2. GRPO, colocated (rollouts and training in this job, from the same weights): each step samples
    `group_size` answers for `prompts_per_step` prompts with the KV cache (stages.engine.generate),
    scores them, normalises rewards within each group, then takes `updates_per_batch` optimizer
-   steps of the clipped loss (stages.grpo_loss). Samples cut at max_new_tokens are masked out.
+   steps of the clipped loss (stages.engine.losses). Samples cut at max_new_tokens are masked out.
    Every rollout and its reward goes to rollouts.jsonl (an MLflow artifact).
 
 Resume is bitwise: rollout k is sampled with seed + k from the restored weights, and rewards are
@@ -32,59 +32,58 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_recipes.chat import IM_END, Message, encode_prompt, encode_text
-from data_recipes.generators import build_generator
+from data_recipes.backends import build_generator
+from data_recipes.chat import Message, final_text
+from data_recipes.config_fields import from_dict
 from data_recipes.rewards import Task, build_reward, load_tasks
-from data_recipes.tokenizer import tokenizer_of_stage
+from schedulers.post_training import post_training_schedule
+from stages.configs.rl import RLConfig
+from stages.contract import MANIFEST, StageSpec, read_json, write_jsonl_atomic
 from stages.engine import checkpoint as ckpt
 from stages.engine import distributed, job
-from stages.configs.rl import RLConfig
-from stages.engine.checkpoint import checkpoint_model
-from data_recipes.config_fields import from_dict
-from stages.contract import MANIFEST, StageSpec, read_json, write_jsonl_atomic
-from stages.distill_loss import masked_mean, token_logps
-from data_recipes.chat import final_text
-from stages.engine.generate import (EngineGenerator, SamplingConfig, cut_at_stop, generate,
+from stages.engine.checkpoint import checkpoint_model, params_sha256
+from stages.engine.generate import (EngineGenerator, SamplingConfig, generate,
                                     load_checkpoint_model)
-from stages.grpo_loss import grpo_loss, group_advantages, token_entropy
-from stages.engine.model import build_model, unwrap
-from stages.engine.optim import build_ddp, build_optimizer, build_scheduler, current_lr
-from stages.engine.checkpoint import params_sha256
-from schedulers.post_training import post_training_schedule
+from stages.engine.losses import (grpo_loss, group_advantages, logits_of, masked_mean,
+                                  token_entropy, token_logps)
+from stages.engine.model import unwrap
+from stages.engine.optim import current_lr
+from stages.engine.progress import Progress
+from stages.engine.tokenizer import tokenizer_of_stage
 from stages.engine.tracking import MetricLogger
+from stages.engine.training import job_world, optimizer_step, start_training, zero_grad
 
 
 class Policy:
-    """Prompting and sampling of the policy in the recipe's prompt format."""
+    """The policy's sampling in the recipe's prompt format. Prompt encoding, stop ids and decoding
+    are the one generator's (stages.engine.generate.EngineGenerator, as eval samples); the seeding
+    is RL's: batch i of a call samples from seed + i. `progress`, when set, advances per batch."""
 
     def __init__(self, model, tok, cfg: RLConfig, batch_size: int):
-        self.model, self.tok, self.cfg, self.batch_size = model, tok, cfg, batch_size
-        self.stop_ids = {tok.eod_id}
-        if cfg.prompt_format == "chat":
-            self.stop_ids.add(tok.token_id(IM_END))
+        self.gen = EngineGenerator(model, tok, cfg)
+        self.cfg, self.batch_size = cfg, batch_size
+        self.progress: Progress | None = None
 
     def encode(self, prompt: str) -> list[int]:
-        if self.cfg.prompt_format == "chat":
-            return encode_prompt(self.tok, [Message("user", prompt)])
-        return encode_text(self.tok, self.cfg.completion_template.format(prompt=prompt))
+        return self.gen.encode([Message("user", prompt)])
 
     def sample(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
         """New tokens of each prompt, batched; batch i uses seed + i (reproducible)."""
         out = []
         for i in range(0, len(prompts), self.batch_size):
             s = dataclasses.replace(sampling, seed=sampling.seed + i)
-            out += generate(self.model, prompts[i:i + self.batch_size], s, self.stop_ids,
-                            self.tok.vocab_size)
+            out += generate(self.gen.model, prompts[i:i + self.batch_size], s, self.gen.stop_ids,
+                            self.gen.tok.vocab_size)
+            if self.progress is not None:
+                self.progress.update(len(out))
         return out
 
     def final_text(self, new: list[int]) -> str:
         """What a reward sees: the answer without the thinking block, cut at a stop string."""
-        text = cut_at_stop(self.tok.decode([t for t in new if t not in self.stop_ids]),
-                           list(self.cfg.stop))
-        return final_text(text, self.cfg.prompt_format)  # scored as eval scores it
+        return final_text(self.gen.decode(new), self.cfg.prompt_format)  # scored as eval scores it
 
     def truncated(self, new: list[int], max_new: int) -> bool:
-        return len(new) >= max_new and new[-1] not in self.stop_ids
+        return len(new) >= max_new and new[-1] not in self.gen.stop_ids
 
 
 # --- 1. the pass-rate filter -------------------------------------------------------------------
@@ -126,8 +125,7 @@ def make_batch(rows: list[tuple[list[int], list[int], bool]], pad_id: int, devic
 
 
 def forward_logps(model, batch, vocab_size: int, entropy: bool = False):
-    logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                   runtime_gather_output=True)[..., :vocab_size]
+    logits = logits_of(model, batch, vocab_size)
     lp = token_logps(logits, batch["labels"])
     return lp, (token_entropy(logits.detach()) if entropy else None)
 
@@ -146,8 +144,7 @@ def grpo_update(model, optimizer, scheduler, rows, advantages: torch.Tensor, sub
         old = [forward_logps(model, b, vocab_size)[0] for b in batches]
     stats: dict[str, float] = {}
     for u in range(g.updates_per_batch):
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
+        zero_grad(model, optimizer)
         acc = {"pg_loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "approx_kl": 0.0,
                "entropy": 0.0}
         for m, b, old_lp in zip(micro, batches, old):
@@ -161,15 +158,13 @@ def grpo_update(model, optimizer, scheduler, rows, advantages: torch.Tensor, sub
                 acc[k] += float(st[k]) * w
             if ent is not None:
                 acc["entropy"] += float(masked_mean(ent, b["mask"])) * w
-        model.finish_grad_sync()
-        ok, grad_norm, _ = optimizer.step()
-        assert ok, "optimizer step skipped (non-finite gradients)"
+        grad_norm = optimizer_step(model, optimizer)
         scheduler.step(1)
         if u == 0:
             stats["entropy"] = distributed.dp_sum(torch.tensor(acc["entropy"]))
         stats.update({k: distributed.dp_sum(torch.tensor(acc[k])) for k in
                       ("pg_loss", "clip_frac", "ratio_mean", "approx_kl")})
-        stats["grad_norm"] = float(grad_norm)
+        stats["grad_norm"] = grad_norm
     stats["trained_tokens"] = tokens
     assert math.isfinite(stats["pg_loss"]), f"loss is {stats['pg_loss']}"
     return stats
@@ -186,69 +181,35 @@ def step_tasks(kept: list[Task], step: int, per_step: int, seed: int) -> list[Ta
     return out
 
 
-def run(spec: StageSpec) -> dict[str, Any]:
-    cfg = from_dict(RLConfig, spec.config)
-    info = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
-    try:
-        return _run(spec, cfg, info)
-    finally:
-        distributed.teardown()
+def build_judge(spec: StageSpec, sub, tok):
+    """The judge of `reward.kind: judge`: a checkpoint stage (engine) or a generator backend."""
+    if sub.reward.kind != "judge":
+        return None
+    jc = sub.reward.judge
+    if jc.kind != "engine":
+        return build_generator(jc, spec.out / "http_cache-judge.jsonl")
+    if not spec.inputs.get("judge"):
+        raise ValueError("judge: reward.judge.kind engine needs the rl stage's `judge` "
+                         "checkpoint stage")
+    jcfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["judge"]) / MANIFEST), None)
+    return EngineGenerator(load_checkpoint_model(spec.inputs["judge"], jcfg, tok.vocab_size), tok,
+                           jc)
 
 
-def _run(spec: StageSpec, cfg: RLConfig, info) -> dict[str, Any]:
-    if len(cfg.substages) != 1:
-        raise ValueError("substages: an rl job runs one sub-stage (the recipe loader splits them)")
-    if cfg.parallel.pipeline != 1:
-        raise ValueError("parallel.pipeline > 1 is not supported by the rl loop yet")
-    sub, g, out = cfg.substages[0], cfg.substages[0].grpo, spec.out
-    is_rank0, t_start = info.rank == 0, time.time()
-    tok = tokenizer_of_stage(spec.inputs["tokenizer"])
-    model_cfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["init"]) / MANIFEST),
-                                 cfg.model)
-    seq_length = model_cfg.seq_length
-    judge = None
-    if sub.reward.kind == "judge":
-        jc = sub.reward.judge
-        if jc.kind == "engine":
-            if not spec.inputs.get("judge"):
-                raise ValueError("judge: reward.judge.kind engine needs the rl stage's `judge` "
-                                 "checkpoint stage")
-            jcfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["judge"]) / MANIFEST),
-                                    None)
-            judge = EngineGenerator(load_checkpoint_model(spec.inputs["judge"], jcfg,
-                                                          tok.vocab_size), tok, jc)
-        else:
-            judge = build_generator(jc, out / "http_cache-judge.jsonl")
-    reward = build_reward(sub.reward, judge)
-    tasks = load_tasks(sub.prompts)
-    if not tasks:
-        raise ValueError(f"substages[0].prompts ({sub.name}): the prompt set is empty")
-    per_rank = g.prompts_per_step // info.dp_size
-    if g.prompts_per_step % info.dp_size:
-        raise ValueError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the "
-                         f"data-parallel size ({info.dp_size})")
-
-    total_updates = g.steps * g.updates_per_batch
-    schedule = post_training_schedule(g.lr, total_updates, g.prompts_per_step * g.group_size, seq_length,
-                            model_cfg.rotary_base)
-    model = build_ddp(build_model(model_cfg, tok.vocab_size, seq_length))
-    optimizer = build_optimizer(model, cfg.optimizer, schedule)
-    ckpt_root = out / "checkpoints"
-    state = ckpt.resume_or_start(ckpt_root, model, optimizer, spec.inputs["init"],
-                                 {"step": 0, "seconds": 0.0, "last": {}})
-    step = state["step"]
-    scheduler = build_scheduler(optimizer, schedule, cfg.optimizer.weight_decay,
-                                step * g.updates_per_batch)
-    policy = Policy(unwrap(model), tok, cfg, cfg.rollout_batch_size)
-    logger = MetricLogger(spec, info.rank)
-
-    # 1. pass-rate filter, once, with the starting weights (every rank computes it: same seed)
+def filtered_tasks(policy: Policy, tasks: list[Task], reward, sub, seed: int, out: Path, logger,
+                   is_rank0: bool) -> tuple[list[Task], dict[str, float]]:
+    """The tasks in the learnable band (filtered once with the starting weights, saved in
+    filter.jsonl; every rank computes it: same seed) and the filter's statistics."""
     filter_file = out / "filter.jsonl"
     if filter_file.exists():
         rows = [json.loads(line) for line in filter_file.read_text().splitlines()]
     elif sub.filter.enabled:
         t0 = time.time()
-        rows = pass_rate_filter(policy, tasks, reward, sub, cfg.seed + 10 ** 6)
+        policy.progress = Progress(len(tasks) * sub.filter.samples, f"{sub.name} filter samples",
+                                   min_interval_s=30.0, enabled=is_rank0)
+        rows = pass_rate_filter(policy, tasks, reward, sub, seed)
+        policy.progress.close()
+        policy.progress = None
         if is_rank0:
             write_jsonl_atomic(filter_file, rows)
         logger.log(0, {"filter/seconds": time.time() - t0})
@@ -269,88 +230,158 @@ def _run(spec: StageSpec, cfg: RLConfig, info) -> dict[str, Any]:
               f"pass rate {fstats['filter/mean_pass_rate']:.2f})", flush=True)
         if filter_file.exists():
             logger.artifact(filter_file)
+    return kept, fstats
 
-    # every rank writes its own rollouts; rows of steps after the checkpoint we resumed from were
-    # written by a killed run and are sampled again
-    rollouts_file = out / ("rollouts.jsonl" if is_rank0 else f"rollouts.rank{info.rank}.jsonl")
-    if rollouts_file.exists():
-        rows_before = [line for line in rollouts_file.read_text().splitlines()
-                       if json.loads(line)["step"] < step]
-        write_jsonl_atomic(rollouts_file, [json.loads(line) for line in rows_before])
-    if not kept:  # nothing in the learnable band: hand the starting weights on, say so loudly
-        print(f"{sub.name}: WARNING: no prompt has a pass rate in ({sub.filter.min_pass}, "
-              f"{sub.filter.max_pass}); nothing to train, the checkpoint is passed on unchanged",
-              flush=True)
-        step = g.steps if step == 0 else step
-    t_loop, first_step = time.time(), step
-    while step < g.steps:
-        t0 = time.time()
-        batch_tasks = step_tasks(kept, step, g.prompts_per_step, cfg.seed)
-        mine = batch_tasks[info.dp_rank * per_rank:(info.dp_rank + 1) * per_rank]
-        prompts = [policy.encode(t.prompt) for t in mine for _ in range(g.group_size)]
-        sampling = SamplingConfig(g.temperature, g.top_p, g.max_new_tokens,
-                                  cfg.seed + 1000 * step + info.dp_rank)
-        new = policy.sample(prompts, sampling)
-        rollout_s = time.time() - t0
-        texts = [policy.final_text(n) for n in new]
-        t1 = time.time()
-        rewards = reward.score(mine, texts, g.group_size)
-        reward_s = time.time() - t1
-        truncated = [policy.truncated(n, g.max_new_tokens) for n in new]
-        adv = group_advantages(torch.tensor(rewards).view(len(mine), g.group_size),
-                               g.normalize_std).flatten().to(info.device)
-        rows = [(p, n, not (g.mask_truncated and cut)) for p, n, cut in zip(prompts, new, truncated)]
-        t2 = time.time()
-        lr = current_lr(optimizer)
-        stats = grpo_update(model, optimizer, scheduler, rows, adv, sub, tok.pad_id,
-                            tok.vocab_size, info)
-        train_s = time.time() - t2
-        step += 1
-        # every metric is over all ranks (they go into the checkpoint's common state too)
-        r = torch.tensor(rewards, dtype=torch.float64)
-        n = len(r) * info.dp_size
-        mean = distributed.dp_sum(r.sum()) / n
-        new_tokens = distributed.dp_sum(torch.tensor(float(sum(len(x) for x in new))))
-        rollout_s, reward_s, train_s = (distributed.all_max(t) for t in (rollout_s, reward_s,
-                                                                           train_s))
-        metrics = {"reward/mean": mean,
-                   "reward/std": math.sqrt(max(distributed.dp_sum(((r - mean) ** 2).sum()), 0.0)
-                                           / max(n - 1, 1)),
-                   "pass_rate": distributed.dp_sum((r > 0.5).double().sum()) / n,
-                   "response_length": new_tokens / n,
-                   "truncated_share": distributed.dp_sum(torch.tensor(float(sum(truncated)))) / n,
-                   "rollout_s": rollout_s, "reward_s": reward_s, "train_s": train_s,
-                   "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9), "lr": lr, **stats}
-        logger.log(step - 1, metrics)
-        state["last"] = metrics
-        with open(rollouts_file, "a", encoding="utf-8") as f:
-            for i, (n, text) in enumerate(zip(new, texts)):
-                f.write(json.dumps({"step": step - 1, "prompt": mine[i // g.group_size].prompt,
-                                    "response": tok.decode(n), "final": text,
-                                    "reward": rewards[i], "advantage": float(adv[i]),
-                                    "truncated": truncated[i]}) + "\n")
-        if is_rank0 and (step % cfg.log_every == 0 or step == g.steps):
-            eta = (time.time() - t_loop) / (step - first_step) * (g.steps - step)
-            print(f"{sub.name} step {step}/{g.steps} | reward {metrics['reward/mean']:.3f} "
-                  f"| pass {metrics['pass_rate']:.2f} | len {metrics['response_length']:.0f} "
-                  f"| clip {stats['clip_frac']:.3f} | entropy {stats['entropy']:.3f} | "
-                  f"rollout {rollout_s:.1f}s train {train_s:.1f}s | ETA {eta:,.0f}s", flush=True)
-        t_start = ckpt.save_at_step_end(ckpt_root, step, g.steps, step % cfg.checkpoint_every == 0,
-                                        model, optimizer, state, cfg.keep_checkpoints, logger,
-                                        t_start)
-    if not ckpt.complete_checkpoints(ckpt_root):  # the no-prompt case: pass the weights on
-        state.update(step=step)
-        ckpt.save_checkpoint(ckpt_root, step, model, optimizer, state, keep=cfg.keep_checkpoints)
-    distributed.barrier()  # every rank's rollouts are written
-    if is_rank0:
-        for f in sorted(out.glob("rollouts*.jsonl")):
-            logger.artifact(f)
-    logger.close()
-    return {"substage": sub.name, "final_step": step, "final": state["last"],
-            **{k.replace("/", "_"): v for k, v in fstats.items()},
-            "checkpoint": str(ckpt.step_dir(ckpt_root, step)),
-            "params_sha256": params_sha256(model), "model": dataclasses.asdict(model_cfg),
-            "seconds": state["seconds"] + time.time() - t_start}
+
+@dataclasses.dataclass
+class Rollouts:
+    prompts: list[list[int]]
+    new: list[list[int]]
+    texts: list[str]
+    rewards: list[float]
+    truncated: list[bool]
+    rollout_s: float
+    reward_s: float
+
+
+def rollouts(policy: Policy, reward, mine: list[Task], g, seed: int) -> Rollouts:
+    """`group_size` sampled answers to each of this rank's prompts, their texts and rewards."""
+    t0 = time.time()
+    prompts = [policy.encode(t.prompt) for t in mine for _ in range(g.group_size)]
+    new = policy.sample(prompts, SamplingConfig(g.temperature, g.top_p, g.max_new_tokens, seed))
+    rollout_s = time.time() - t0
+    texts = [policy.final_text(n) for n in new]
+    t1 = time.time()
+    rewards = reward.score(mine, texts, g.group_size)
+    reward_s = time.time() - t1
+    truncated = [policy.truncated(n, g.max_new_tokens) for n in new]
+    return Rollouts(prompts, new, texts, rewards, truncated, rollout_s, reward_s)
+
+
+def step_metrics(ro: Rollouts, stats: dict[str, float], lr: float, train_s: float,
+                 info) -> dict[str, float]:
+    """A step's metrics over all ranks (they go into the checkpoint's common state too)."""
+    r = torch.tensor(ro.rewards, dtype=torch.float64)
+    n = len(r) * info.dp_size
+    mean = distributed.dp_sum(r.sum()) / n
+    new_tokens = distributed.dp_sum(torch.tensor(float(sum(len(x) for x in ro.new))))
+    rollout_s, reward_s, train_s = (distributed.all_max(t) for t in (ro.rollout_s, ro.reward_s,
+                                                                       train_s))
+    return {"reward/mean": mean,
+            "reward/std": math.sqrt(max(distributed.dp_sum(((r - mean) ** 2).sum()), 0.0)
+                                    / max(n - 1, 1)),
+            "pass_rate": distributed.dp_sum((r > 0.5).double().sum()) / n,
+            "response_length": new_tokens / n,
+            "truncated_share": distributed.dp_sum(torch.tensor(float(sum(ro.truncated)))) / n,
+            "rollout_s": rollout_s, "reward_s": reward_s, "train_s": train_s,
+            "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9), "lr": lr, **stats}
+
+
+def write_rollouts(path: Path, step: int, mine: list[Task], ro: Rollouts, adv, tok,
+                   group_size: int) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for i, (n, text) in enumerate(zip(ro.new, ro.texts)):
+            f.write(json.dumps({"step": step, "prompt": mine[i // group_size].prompt,
+                                "response": tok.decode(n), "final": text,
+                                "reward": ro.rewards[i], "advantage": float(adv[i]),
+                                "truncated": ro.truncated[i]}) + "\n")
+
+
+def rollouts_file_at(out: Path, rank: int, step: int) -> Path:
+    """This rank's rollouts file, without the rows of steps after the checkpoint resumed from
+    (a killed run wrote them; they are sampled again)."""
+    path = out / ("rollouts.jsonl" if rank == 0 else f"rollouts.rank{rank}.jsonl")
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        write_jsonl_atomic(path, [r for r in rows if r["step"] < step])
+    return path
+
+
+def run(spec: StageSpec) -> dict[str, Any]:
+    cfg = from_dict(RLConfig, spec.config)
+    with job_world(cfg.parallel, cfg.seed, "rl") as info:
+        # --- setup: reward, tasks, the policy resumed (or from `init`), the pass-rate filter ------
+        if len(cfg.substages) != 1:
+            raise ValueError("substages: an rl job runs one sub-stage (the recipe loader splits "
+                             "them)")
+        sub, g, out = cfg.substages[0], cfg.substages[0].grpo, spec.out
+        is_rank0, t_start = info.rank == 0, time.time()
+        tok = tokenizer_of_stage(spec.inputs["tokenizer"])
+        model_cfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["init"]) / MANIFEST),
+                                     cfg.model)
+        seq_length = model_cfg.seq_length
+        reward = build_reward(sub.reward, build_judge(spec, sub, tok))
+        tasks = load_tasks(sub.prompts)
+        if not tasks:
+            raise ValueError(f"substages[0].prompts ({sub.name}): the prompt set is empty")
+        per_rank = g.prompts_per_step // info.dp_size
+        if g.prompts_per_step % info.dp_size:
+            raise ValueError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of "
+                             f"the data-parallel size ({info.dp_size})")
+        schedule = post_training_schedule(g.lr, g.steps * g.updates_per_batch,
+                                          g.prompts_per_step * g.group_size, seq_length,
+                                          model_cfg.rotary_base)
+        trainer = start_training(out, cfg, model_cfg, tok.vocab_size, seq_length, schedule,
+                                 spec.inputs["init"], {"step": 0, "seconds": 0.0, "last": {}},
+                                 started=t_start, updates_per_step=g.updates_per_batch)
+        model, optimizer, state = trainer.model, trainer.optimizer, trainer.state
+        step = state["step"]
+        policy = Policy(unwrap(model), tok, cfg, cfg.rollout_batch_size)
+        logger = MetricLogger(spec, info.rank)
+        kept, fstats = filtered_tasks(policy, tasks, reward, sub, cfg.seed + 10 ** 6, out, logger,
+                                      is_rank0)
+        rollouts_file = rollouts_file_at(out, info.rank, step)
+        if not kept:  # nothing in the learnable band: hand the starting weights on, say so loudly
+            print(f"{sub.name}: WARNING: no prompt has a pass rate in ({sub.filter.min_pass}, "
+                  f"{sub.filter.max_pass}); nothing to train, the checkpoint is passed on "
+                  "unchanged", flush=True)
+            step = g.steps if step == 0 else step
+
+        # --- the loop: rollouts, rewards, GRPO updates --------------------------------------------
+        progress = Progress(g.steps, f"{sub.name} step", done=step, every=cfg.log_every,
+                            enabled=is_rank0)
+        while step < g.steps:
+            mine = step_tasks(kept, step, g.prompts_per_step, cfg.seed)[
+                info.dp_rank * per_rank:(info.dp_rank + 1) * per_rank]
+            ro = rollouts(policy, reward, mine, g, cfg.seed + 1000 * step + info.dp_rank)
+            adv = group_advantages(torch.tensor(ro.rewards).view(len(mine), g.group_size),
+                                   g.normalize_std).flatten().to(info.device)
+            rows = [(p, n, not (g.mask_truncated and cut))
+                    for p, n, cut in zip(ro.prompts, ro.new, ro.truncated)]
+            t_train = time.time()
+            lr = current_lr(optimizer)
+            stats = grpo_update(model, optimizer, trainer.scheduler, rows, adv, sub, tok.pad_id,
+                                tok.vocab_size, info)
+            train_s = time.time() - t_train
+            step += 1
+            metrics = step_metrics(ro, stats, lr, train_s, info)
+            logger.log(step - 1, metrics)
+            state["last"] = metrics
+            write_rollouts(rollouts_file, step - 1, mine, ro, adv, tok, g.group_size)
+            progress.update(step, f"reward {metrics['reward/mean']:.3f} | pass "
+                                  f"{metrics['pass_rate']:.2f} | len "
+                                  f"{metrics['response_length']:.0f} | clip "
+                                  f"{stats['clip_frac']:.3f} | entropy {stats['entropy']:.3f} | "
+                                  f"rollout {metrics['rollout_s']:.1f}s train "
+                                  f"{metrics['train_s']:.1f}s")
+            trainer.end_step(step, g.steps, logger)
+
+        # --- manifest -----------------------------------------------------------------------------
+        progress.close()
+        if not ckpt.complete_checkpoints(trainer.ckpt_root):  # no prompt: pass the weights on
+            state.update(step=step)
+            ckpt.save_checkpoint(trainer.ckpt_root, step, model, optimizer, state,
+                                 keep=cfg.keep_checkpoints)
+        distributed.barrier()  # every rank's rollouts are written
+        if is_rank0:
+            for f in sorted(out.glob("rollouts*.jsonl")):
+                logger.artifact(f)
+        logger.close()
+        return {"substage": sub.name, "final_step": step, "final": state["last"],
+                **{k.replace("/", "_"): v for k, v in fstats.items()},
+                "checkpoint": str(ckpt.step_dir(trainer.ckpt_root, step)),
+                "params_sha256": params_sha256(model), "model": dataclasses.asdict(model_cfg),
+                "seconds": state["seconds"] + time.time() - trainer.clock}
 
 
 if __name__ == "__main__":

@@ -28,18 +28,19 @@ import torch
 from data_recipes.chat import Message, encode_chat
 from data_recipes.prompts import split_heldout
 from data_recipes.sft_pack import Packed, attention_mask, build_sequence, pack
-from data_recipes.tokenizer import tokenizer_of_stage
-from schedulers.post_training import post_training_schedule
-from stages.engine import checkpoint as ckpt
-from stages.engine import distributed, job
-from stages.configs.post_training import SFTConfig
-from stages.engine.checkpoint import checkpoint_model
 from data_recipes.config_fields import from_dict
+from schedulers.post_training import post_training_schedule
+from stages.configs.post_training import SFTConfig
 from stages.contract import MANIFEST, StageSpec, read_json
-from stages.engine.model import build_model
-from stages.engine.optim import build_ddp, build_optimizer, build_scheduler, current_lr
-from stages.engine.checkpoint import params_sha256
+from stages.engine import distributed, job
+from stages.engine.checkpoint import checkpoint_model, params_sha256
+from stages.engine.losses import token_losses
+from stages.engine.optim import current_lr
+from stages.engine.progress import Progress
+from stages.engine.tokenizer import tokenizer_of_stage
 from stages.engine.tracking import MetricLogger
+from stages.engine.training import (check_batch_split, job_world, optimizer_step,
+                                    start_training, zero_grad)
 
 
 def load_samples(data_dir: str) -> list[dict]:
@@ -60,13 +61,6 @@ def make_batch(encoded, packs: list[Packed], seq_length: int, pad_id: int,
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token losses times the loss mask, [b, s]."""
-    losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                   labels=batch["labels"])
-    return losses.float() * batch["loss_mask"]
-
-
 def train_step(model, optimizer, encoded, packs: list[Packed], cfg: SFTConfig, seq_length: int,
                pad_id: int, info) -> tuple[float, float, int]:
     """One optimizer step over this rank's packed sequences; returns (loss, grad norm, tokens)."""
@@ -74,20 +68,17 @@ def train_step(model, optimizer, encoded, packs: list[Packed], cfg: SFTConfig, s
     batches = [make_batch(encoded, m, seq_length, pad_id, info.device) for m in micro]
     mine = sum(float(b["loss_mask"].sum()) for b in batches)
     total = distributed.dp_sum(torch.tensor(mine, device=info.device))  # trained tokens, all ranks
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
+    zero_grad(model, optimizer)
     loss_sum = torch.zeros((), device=info.device)
     for batch in batches:
         s = token_losses(model, batch).sum()
         # DDP averages gradients over DP ranks: scale so the result is sum / all ranks' tokens
         (s * info.dp_size / max(total, 1.0)).backward()
         loss_sum += s.detach()
-    model.finish_grad_sync()
-    ok, grad_norm, _ = optimizer.step()
-    assert ok, "optimizer step skipped (non-finite gradients)"
+    grad_norm = optimizer_step(model, optimizer)
     loss = distributed.dp_sum(loss_sum) / max(total, 1.0)
     assert math.isfinite(loss), f"loss is {loss}"
-    return loss, float(grad_norm), int(total)
+    return loss, grad_norm, int(total)
 
 
 @torch.no_grad()
@@ -109,100 +100,108 @@ def heldout_loss(model, encoded, cfg: SFTConfig, seq_length: int, pad_id: int, i
     return distributed.dp_sum(s) / distributed.dp_sum(n)
 
 
+@dataclasses.dataclass
+class Data:
+    """The encoded samples, their packing into sequences over the epochs and the steps they make."""
+
+    tok: Any
+    train: list[tuple[list[int], list[int]]]
+    held: list[tuple[list[int], list[int]]]
+    truncated: int
+    packs: list[Packed]
+    total_steps: int
+    epoch_end: dict[int, int]
+    """epoch -> the step after which all its sequences are trained"""
+
+
+def load_data(spec: StageSpec, cfg: SFTConfig, seq_length: int, dp_size: int) -> Data:
+    tok = tokenizer_of_stage(spec.inputs["tokenizer"])
+    samples = load_samples(spec.inputs["data"])
+    train, held = split_heldout(samples, [s["id"] for s in samples], cfg.heldout_samples)
+    if not train:
+        raise ValueError(f"data: no training samples ({len(held)} held out)")
+    encoded, held_encoded = encode_all(tok, train), encode_all(tok, held)
+    truncated = sum(len(ids) > seq_length + 1 for ids, _ in encoded)
+    packs = pack([len(e[0]) for e in encoded], seq_length, epochs=cfg.epochs, seed=cfg.seed,
+                 packing=cfg.packing)
+    per_step = cfg.global_batch_size
+    check_batch_split(per_step, cfg.micro_batch_size, dp_size)
+    total_steps = len(packs) // per_step
+    if total_steps < 1:
+        raise ValueError(f"{len(packs)} packed sequences make less than one step of "
+                         f"global_batch_size {per_step}")
+    epoch_end = {}
+    for i, p in enumerate(packs[:total_steps * per_step]):
+        epoch_end[p.epoch] = i // per_step + 1
+    print(f"{len(train)} samples ({truncated} cut to {seq_length + 1} tokens), "
+          f"{len(held)} held out; {len(packs)} sequences of {seq_length} over {cfg.epochs} "
+          f"epochs -> {total_steps} steps", flush=True)
+    return Data(tok, encoded, held_encoded, truncated, packs, total_steps, epoch_end)
+
+
 def run(spec: StageSpec) -> dict[str, Any]:
     cfg = from_dict(SFTConfig, spec.config)
-    out = spec.out
-    info = distributed.init(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
-    is_rank0 = info.rank == 0
-    t_start = time.time()
-    try:
-        if cfg.parallel.pipeline != 1:
-            raise ValueError("parallel.pipeline > 1 is not supported by the sft loop yet")
+    with job_world(cfg.parallel, cfg.seed, "sft") as info:
+        # --- setup: data, then the model resumed (or from `init`) ---------------------------------
+        t_start, is_rank0 = time.time(), info.rank == 0
         if cfg.packing and importlib.util.find_spec("transformer_engine") is not None:
             # TE's fused attention takes its mask type from the layer spec (causal) and would
             # attend across packed samples; the fix is PackedSeqParams (THD), not built yet.
             raise ValueError("packing: not supported with the TransformerEngine layer spec yet; "
                              "set packing: false (one sample per sequence)")
-        upstream = read_json(Path(spec.inputs["init"]) / MANIFEST) if spec.inputs.get("init") else {}
-        model_cfg = checkpoint_model(spec.model, upstream, cfg.model)
+        init = spec.inputs.get("init")
+        model_cfg = checkpoint_model(spec.model, read_json(Path(init) / MANIFEST) if init else {},
+                                     cfg.model)
         seq_length = model_cfg.seq_length
-        tok = tokenizer_of_stage(spec.inputs["tokenizer"])
-        samples = load_samples(spec.inputs["data"])
-        train, held = split_heldout(samples, [s["id"] for s in samples], cfg.heldout_samples)
-        if not train:
-            raise ValueError(f"data: no training samples ({len(held)} held out)")
-        encoded, held_encoded = encode_all(tok, train), encode_all(tok, held)
-        truncated = sum(len(ids) > seq_length + 1 for ids, _ in encoded)
-        packs = pack([len(e[0]) for e in encoded], seq_length, epochs=cfg.epochs, seed=cfg.seed,
-                     packing=cfg.packing)
-        per_step = cfg.global_batch_size
-        if per_step % (cfg.micro_batch_size * info.dp_size):
-            raise ValueError(f"global_batch_size ({per_step}) must be a multiple of "
-                             f"micro_batch_size ({cfg.micro_batch_size}) x data-parallel size "
-                             f"({info.dp_size})")
-        total_steps = len(packs) // per_step
-        if total_steps < 1:
-            raise ValueError(f"{len(packs)} packed sequences make less than one step of "
-                             f"global_batch_size {per_step}")
-        epoch_end = {}  # epoch -> the step after which all its sequences are trained
-        for i, p in enumerate(packs[:total_steps * per_step]):
-            epoch_end[p.epoch] = i // per_step + 1
+        d = load_data(spec, cfg, seq_length, info.dp_size)
+        pad_id, packs, per_step = d.tok.pad_id, d.packs, cfg.global_batch_size
+        total_steps = d.total_steps
         schedule = post_training_schedule(cfg.lr, total_steps, cfg.global_batch_size, seq_length,
-                            model_cfg.rotary_base)
-        print(f"{len(train)} samples ({truncated} cut to {seq_length + 1} tokens), "
-              f"{len(held)} held out; {len(packs)} sequences of {seq_length} over {cfg.epochs} "
-              f"epochs -> {total_steps} steps", flush=True)
-
-        model = build_ddp(build_model(model_cfg, tok.vocab_size, seq_length))
-        optimizer = build_optimizer(model, cfg.optimizer, schedule)
+                                          model_cfg.rotary_base)
         logger = MetricLogger(spec, info.rank)
-        ckpt_root = out / "checkpoints"
-        state = ckpt.resume_or_start(ckpt_root, model, optimizer, spec.inputs.get("init"),
-                                     {"step": 0, "heldout": {}, "loss": None, "seconds": 0.0})
+        trainer = start_training(spec.out, cfg, model_cfg, d.tok.vocab_size, seq_length, schedule,
+                                 init, {"step": 0, "heldout": {}, "loss": None, "seconds": 0.0},
+                                 started=t_start)
+        model, optimizer, state = trainer.model, trainer.optimizer, trainer.state
         step = state["step"]
-        scheduler = build_scheduler(optimizer, schedule, cfg.optimizer.weight_decay, step)
-        if step == 0 and held_encoded:
-            state["heldout"]["0"] = heldout_loss(model, held_encoded, cfg, seq_length,
-                                                 tok.pad_id, info)
+        if step == 0 and d.held:
+            state["heldout"]["0"] = heldout_loss(model, d.held, cfg, seq_length, pad_id, info)
             logger.log(0, {"heldout/loss": state["heldout"]["0"]})
 
-        t_loop, first_step = time.time(), step
+        # --- the loop -----------------------------------------------------------------------------
+        progress = Progress(total_steps, done=step, every=cfg.log_every, enabled=is_rank0)
         while step < total_steps:
             step_packs = packs[step * per_step:(step + 1) * per_step][info.dp_rank::info.dp_size]
             lr = current_lr(optimizer)
             t_step = time.time()
-            loss, grad_norm, tokens = train_step(model, optimizer, encoded, step_packs, cfg,
-                                                 seq_length, tok.pad_id, info)
+            loss, grad_norm, tokens = train_step(model, optimizer, d.train, step_packs, cfg,
+                                                 seq_length, pad_id, info)
             step_s = time.time() - t_step
-            scheduler.step(1)
+            trainer.scheduler.step(1)
             step += 1
             state["loss"] = loss
             epoch = packs[(step - 1) * per_step].epoch
             logger.log(step - 1, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                                   "trained_tokens": tokens, "step_s": step_s, "epoch": epoch})
-            if is_rank0 and (step % cfg.log_every == 0 or step == total_steps):
-                eta = (time.time() - t_loop) / (step - first_step) * (total_steps - step)
-                print(f"step {step}/{total_steps} | epoch {epoch} | loss {loss:.4f} | "
-                      f"lr {lr:.3e} | {step_s * 1000:.0f} ms/step | ETA {eta:,.0f}s", flush=True)
-            ended = [e for e, end in epoch_end.items() if end == step]
-            if ended and held_encoded:
-                h = heldout_loss(model, held_encoded, cfg, seq_length, tok.pad_id, info)
+            progress.update(step, f"epoch {epoch} | loss {loss:.4f} | lr {lr:.3e} | "
+                                  f"{step_s * 1000:.0f} ms/step")
+            ended = [e for e, end in d.epoch_end.items() if end == step]
+            if ended and d.held:
+                h = heldout_loss(model, d.held, cfg, seq_length, pad_id, info)
                 state["heldout"][str(ended[-1] + 1)] = h
                 logger.log(step - 1, {"heldout/loss": h})
-                if is_rank0:
-                    print(f"epoch {ended[-1] + 1} done: held-out loss {h:.4f}", flush=True)
-            state["scheduler_steps"] = scheduler.num_steps
-            t_start = ckpt.save_at_step_end(ckpt_root, step, total_steps,
-                                            step % cfg.checkpoint_every == 0, model, optimizer,
-                                            state, cfg.keep_checkpoints, logger, t_start)
+                progress.write(f"epoch {ended[-1] + 1} done: held-out loss {h:.4f}")
+            state["scheduler_steps"] = trainer.scheduler.num_steps
+            trainer.end_step(step, total_steps, logger)
+
+        # --- manifest -----------------------------------------------------------------------------
+        progress.close()
         logger.close()
         return {"final_step": step, "final_loss": state["loss"], "heldout_loss": state["heldout"],
-                "samples": len(train), "heldout_samples": len(held), "truncated": truncated,
-                "sequences": len(packs), "checkpoint": str(ckpt.step_dir(ckpt_root, step)),
+                "samples": len(d.train), "heldout_samples": len(d.held), "truncated": d.truncated,
+                "sequences": len(packs), "checkpoint": str(trainer.checkpoint()),
                 "params_sha256": params_sha256(model), "model": dataclasses.asdict(model_cfg),
                 "seconds": state["seconds"]}
-    finally:
-        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -20,13 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data_recipes.generators import build_generator
+from data_recipes.backends import build_generator
 from data_recipes.prompts import Prompt, load_prompts
+from data_recipes.ray_tasks import as_finished
 from data_recipes.refine import RefineRoles, Sample, refine, round_stats
 from stages.engine import job
 from data_recipes.generators import GeneratorConfig
 from stages.configs.data import SFTDataConfig
 from stages.engine.checkpoint import checkpoint_model
+from stages.engine.progress import Progress
 from data_recipes.config_fields import from_dict
 from stages.contract import MANIFEST, StageSpec, read_json, write_jsonl_atomic
 from stages.engine.tracking import MetricLogger
@@ -90,9 +92,9 @@ def refine_shard(cfg: SFTDataConfig, prompts: list[Prompt], path: Path, out: Pat
 
 def _engine_factory(spec: StageSpec):
     """Load the `engine` stage's checkpoint once; every engine role samples from it."""
-    from data_recipes.tokenizer import tokenizer_of_stage
     from stages.engine import distributed
     from stages.engine.generate import EngineGenerator, load_checkpoint_model
+    from stages.engine.tokenizer import tokenizer_of_stage
 
     if not spec.inputs.get("engine") or not spec.inputs.get("tokenizer"):
         raise ValueError("engine, tokenizer: an engine backend needs both (the checkpoint's stage "
@@ -145,27 +147,20 @@ def _run(spec: StageSpec) -> dict[str, Any]:
             raise ValueError("workers: engine backends run in the stage's process; set workers: 1")
         engine = _engine_factory(spec)
     paths = [records_dir / f"shard-{first_shard + i:05d}.jsonl" for i in range(len(shards))]
+    progress = Progress(len(todo), "refined")
     if cfg.workers > 1 and shards:
-        import ray
-
-        from data_recipes.tokenize import init_ray
-
-        init_ray()
-        task = ray.remote(num_cpus=1)(refine_shard)
-        pending = [task.remote(cfg, shard, path, out) for shard, path in zip(shards, paths)]
-        finished = 0
-        while pending:
-            ready, pending = ray.wait(pending)
-            finished += sum(ray.get(ready))
-            print(f"refined {finished}/{len(todo)}", flush=True)
+        for n in as_finished(refine_shard, [(cfg, shard, path, out)
+                                            for shard, path in zip(shards, paths)]):
+            progress.advance(n)
     else:
         roles = build_roles(cfg, out, engine)
         for i, (shard, path) in enumerate(zip(shards, paths)):
             refine_shard(cfg, shard, path, out, roles)
             n = sum(len(s) for s in shards[:i + 1])
             rate = n / max(time.time() - t0, 1e-9)
-            print(f"refined {n}/{len(todo)} ({rate:.2f} samples/s)", flush=True)
+            progress.update(n, f"{rate:.2f} samples/s")
             logger.log(i, {"refined": n, "samples_per_s": rate})
+    progress.close()
     seconds = time.time() - t0
 
     # --- outputs ---------------------------------------------------------------------------------

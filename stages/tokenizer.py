@@ -9,27 +9,19 @@ Training is deterministic and takes seconds, so a rerun simply trains again.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from data_recipes.sources import iter_documents
-from data_recipes.tokenize import load_processor, train_from_sample, write_sample
+from data_recipes.tokenizer_loading import load_processor
+from data_recipes.tokenizer_training import train_from_sample, write_sample
 from stages.engine import job
 from stages.configs.data import TokenizerConfig
 from data_recipes.config_fields import from_dict
-from stages.contract import StageSpec
+from stages.contract import StageSpec, sha256_file
 from stages.engine.tracking import MetricLogger
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _adopt(model_file: str, prefix: Path) -> None:

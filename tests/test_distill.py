@@ -19,8 +19,8 @@ from data_recipes.chat import SPECIAL_TOKENS
 from data_recipes.generators import parse_score
 from data_recipes.oracles import ArithmeticOracle
 from data_recipes.pairs import ArithmeticVerifier, JudgeScorer, make_pairs
-from data_recipes.tokenize import train_sentencepiece
-from data_recipes.tokenizer import SentencePieceTokenizer, tokenizer_mismatch
+from data_recipes.tokenizer_loading import SentencePieceTokenizer, tokenizer_mismatch
+from data_recipes.tokenizer_training import train_sentencepiece
 from stages.configs.post_training import DistillConfig, DistillLossConfig
 from data_recipes.generators import GeneratorConfig
 from stages.configs.model import ModelConfig
@@ -89,7 +89,8 @@ def test_tokenizer_mismatch_names_the_difference(tok, tmp_path):
 
 
 def test_recipe_with_a_teacher_trained_on_another_tokenizer_is_rejected(write_recipe):
-    from pipeline.recipe import RecipeError, load_recipe
+    from pipeline.recipe import RecipeError
+    from pipeline.validate import load_recipe
 
     text = (REPO / "recipes" / "tiny.yaml").read_text()
     recipe = write_recipe(text.replace("workdir: runs/tiny", "workdir: /tmp/unused"))
@@ -105,7 +106,7 @@ def test_recipe_with_a_teacher_trained_on_another_tokenizer_is_rejected(write_re
 
 def save_stage(root: Path, name: str, model_cfg: ModelConfig, vocab: int, seed: int) -> str:
     """A stage dir holding a weights-only checkpoint of a randomly initialised model."""
-    from stages.hf_import import save_weights
+    from stages.engine.hf.importer import save_weights
     from stages.engine.model import build_model
 
     torch.manual_seed(seed)
@@ -197,8 +198,9 @@ def test_cached_top_k_with_k_equal_to_the_vocab_gives_the_online_divergence(inpu
     """The teacher's top-k written once and read back memory-mapped gives, at k = vocab, the
     same per-token divergence as the teacher computed online."""
     from data_recipes.pairs import Pair
-    from stages.distill import (TeacherLogits, encode_pair, logits_of, make_batch,
-                                read_teacher_topk, write_teacher_topk)
+    from stages.engine.losses import logits_of
+    from stages.engine.pair_batches import (TeacherLogits, encode_pair, make_batch,
+                                            read_teacher_topk, write_teacher_topk)
     from stages.engine.generate import load_checkpoint_model
 
     teacher = load_checkpoint_model(inputs["teacher"], TEACHER, tok.vocab_size)

@@ -1,4 +1,4 @@
-"""DPD losses (stages.distill_loss): hand-computed values, JSD limits, DPO gradient sign, top-k, and TRL.
+"""DPD losses (stages.engine.losses): hand-computed values, JSD limits, DPO gradient sign, top-k, and TRL.
 
 Expected numbers come from python floats (math.log/exp on explicit probabilities), never from the
 code under test. The TRL checks call TRL 1.16's own code (pinned in the `test` extra):
@@ -18,8 +18,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from stages.distill_loss import (dpo_loss, masked_mean, sequence_logps, token_divergence,
-                                 token_divergence_topk, token_logps)
+from stages.engine.losses import (dpo_loss, masked_mean, sequence_logps, token_divergence,
+                                  token_divergence_topk, token_logps)
 
 S = [0.5, 0.3, 0.2]  # student probabilities over V = 3
 T = [0.1, 0.2, 0.7]  # teacher

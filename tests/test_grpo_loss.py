@@ -1,4 +1,4 @@
-"""GRPO pieces (stages.grpo_loss) against hand-computed values: advantages, clipping and its
+"""GRPO pieces (stages.engine.losses) against hand-computed values: advantages, clipping and its
 gradient, aggregation, masking, the reference KL and the stats; plus the off-policy case, where
 several gradient steps on one rollout batch move the ratio away from 1 until clipping stops them."""
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from stages.grpo_loss import grpo_loss, group_advantages, token_entropy
+from stages.engine.losses import grpo_loss, group_advantages, token_entropy
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 

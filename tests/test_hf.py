@@ -83,7 +83,7 @@ def our_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def import_dir(src, out) -> dict:
-    from stages.hf_import import import_model
+    from stages.engine.hf.importer import import_model
 
     produced = import_model(src, out)
     write_json_atomic(out / MANIFEST, {"kind": "import", **produced})  # as job.main writes it
@@ -102,7 +102,7 @@ def build_from(out, model_cfg: ModelConfig, vocab: int):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_import_then_export_round_trip(megatron_world, tmp_path, arch):
     from data_recipes.config_fields import from_dict
-    from stages.hf_export import export_stage
+    from stages.engine.hf.exporter import export_stage
 
     # qwen3 is stored in bf16 as published models are: import reads it into our fp32 engine
     hf = make_hf_model(arch, tmp_path / "hf", torch.bfloat16 if arch == "qwen3" else torch.float32)
@@ -180,7 +180,8 @@ def _train_sentencepiece(tmp_path) -> tuple[dict, list[str]]:
     import os
 
     from data_recipes.chat import SPECIAL_TOKENS
-    from data_recipes.tokenize import load_processor, train_sentencepiece
+    from data_recipes.tokenizer_loading import load_processor
+    from data_recipes.tokenizer_training import train_sentencepiece
 
     files = sorted(glob.glob(os.path.join(os.path.dirname(json.__file__), "*.py")))
     texts = [open(f, encoding="utf-8").read() for f in files]
@@ -196,9 +197,9 @@ def _train_sentencepiece(tmp_path) -> tuple[dict, list[str]]:
 
 def test_pipeline_model_export_greedy_and_tokenizer(megatron_world, tmp_path):
     from data_recipes.chat import IM_END, IM_START, THINK
-    from data_recipes.tokenize import load_processor
-    from stages.hf_export import export_stage
-    from stages.hf_import import save_weights
+    from data_recipes.tokenizer_loading import load_processor
+    from stages.engine.hf.exporter import export_stage
+    from stages.engine.hf.importer import save_weights
     from stages.engine.model import build_model
 
     manifest, texts = _train_sentencepiece(tmp_path)
@@ -268,7 +269,8 @@ def test_unsupported_config_is_a_clear_error(change, field):
 
 
 def test_import_refuses_a_dir_without_what_it_needs(tmp_path, monkeypatch):
-    from stages.hf_import import one_process, read_hf_dir
+    from stages.engine.distributed import one_process
+    from stages.engine.hf.importer import read_hf_dir
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. launcher.nproc_per_node: 2
     with pytest.raises(ValueError, match="run as one process, not 2"):
@@ -279,7 +281,7 @@ def test_import_refuses_a_dir_without_what_it_needs(tmp_path, monkeypatch):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         read_hf_dir(tmp_path)
-    from stages.hf_import import copy_tokenizer
+    from stages.engine.hf.importer import copy_tokenizer
 
     _hf_tokenizer_json(tmp_path / "tokenizer.json")
     config = json.loads((tmp_path / "config.json").read_text())
@@ -295,8 +297,8 @@ def test_hf_tokenizer_in_prepare_and_load_tokenizer(tmp_path):
     """An imported tokenizer encodes shards (encode_batch) and chat text (load_tokenizer) alike."""
     from tokenizers import Tokenizer
 
-    from data_recipes.tokenize import encode_batch
-    from data_recipes.tokenizer import load_tokenizer
+    from data_recipes.indexed_shards import encode_batch
+    from data_recipes.tokenizer_loading import load_tokenizer
 
     _hf_tokenizer_json(tmp_path / "tokenizer.json")
     write_json_atomic(tmp_path / "eod.json", {"eod_id": 0})
@@ -316,7 +318,8 @@ def test_jan_nano_recipe_validates_and_pipeline_export_runs(megatron_world, tmp_
     transformers loads with the original's logits."""
     from pipeline.cli import main
     from pipeline.graph import build_graph
-    from pipeline.recipe import RecipeError, load_recipe
+    from pipeline.recipe import RecipeError
+    from pipeline.validate import load_recipe
 
     hf = make_hf_model("qwen3", tmp_path / "qwen3")
     tiny = [f"stages.base.path={tmp_path / 'qwen3'}", f"workdir={tmp_path / 'runs'}",
@@ -364,7 +367,7 @@ LLAMA_32_1B = {
 
 
 def test_published_configs_parse_and_jan_nano_describes_qwen3_4b(tmp_path):
-    from pipeline.recipe import load_recipe
+    from pipeline.validate import load_recipe
     from stages.configs.model import num_params
 
     llama, vocab = model_config_from_hf(LLAMA_32_1B)
@@ -389,7 +392,7 @@ if __name__ == "__main__":  # dist_checkpointing's helper processes re-import __
     from stages.engine.checkpoint import load_model_weights_only
     from stages.configs.model import ModelConfig
     from data_recipes.config_fields import from_dict
-    from stages.hf_import import save_weights
+    from stages.engine.hf.importer import save_weights
     from stages.engine.model import build_model
 
     imported, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -420,7 +423,7 @@ def test_tensor_parallel_checkpoints_both_ways(megatron_world, tmp_path):
     from pathlib import Path
 
     from data_recipes.config_fields import from_dict
-    from stages.hf_export import export_stage
+    from stages.engine.hf.exporter import export_stage
 
     hf = make_hf_model("qwen3", tmp_path / "hf")
     produced = import_dir(tmp_path / "hf", tmp_path / "import")

@@ -20,8 +20,8 @@ from data_recipes.oracles import ArithmeticOracle
 from data_recipes.prompts import load_prompts
 from data_recipes.refine import RefineRoles, refine
 from data_recipes.sft_pack import attention_mask, build_sequence, pack
-from data_recipes.tokenize import train_sentencepiece
-from data_recipes.tokenizer import SentencePieceTokenizer
+from data_recipes.tokenizer_loading import SentencePieceTokenizer
+from data_recipes.tokenizer_training import train_sentencepiece
 from data_recipes.generators import GeneratorConfig
 from stages.configs.model import ModelConfig
 from data_recipes.prompts import PromptsConfig
@@ -126,7 +126,8 @@ def test_packing_gives_the_same_loss_as_unpacked_samples(megatron_world, tok):
     """Per-token losses of samples packed together (positions reset, attention blocked between
     them) equal those of each sample alone, so packing does not change the objective."""
     from stages.engine.model import build_model
-    from stages.sft import make_batch, token_losses
+    from stages.engine.losses import token_losses
+    from stages.sft import make_batch
 
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(MODEL, hidden_dropout=0.0, attention_dropout=0.0),
@@ -218,7 +219,7 @@ def test_sft_resume_after_sigkill_is_bitwise_identical(reference, inputs, tmp_pa
 
 def test_eval_scores_known_outputs():
     from data_recipes.rewards import Task, load_tasks
-    from data_recipes.verifiers import make_code_tasks
+    from data_recipes.code_tasks import make_code_tasks
     from stages.eval import answered, score
 
     prompts = [Task(str(i), p) for i, p in enumerate(

@@ -18,8 +18,9 @@ from data_recipes.arithmetic import check_answer
 from data_recipes.chat import Message
 from data_recipes.generators import GenerationError, HTTPGenerator
 from data_recipes.oracles import ArithmeticOracle
-from data_recipes.prompts import in_heldout, load_prompts
+from data_recipes.prompts import load_prompts
 from data_recipes.refine import RefineRoles, refine, round_stats
+from data_recipes.splits import in_heldout
 from data_recipes.generators import GeneratorConfig
 from data_recipes.prompts import PromptsConfig
 from stages.configs.data import SFTDataConfig

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from data_recipes.sources import iter_documents
-from data_recipes.tokenize import (load_processor, tokenize_source_to_indexed,
-                                   train_sentencepiece)
+from data_recipes.indexed_shards import tokenize_source_to_indexed
+from data_recipes.tokenizer_loading import load_processor
+from data_recipes.tokenizer_training import train_sentencepiece
 from stages import prepare, tokenizer
-from stages.contract import EXIT_STATUS, MANIFEST, StageSpec, read_json, save_spec, write_manifest
+from stages.contract import (EXIT_STATUS, MANIFEST, StageSpec, read_json, save_spec, sha256_file,
+                             write_manifest)
 
 UNUSUAL = "naïve café — 日本語 ½ 🦙𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \u200b\ttab\r\n  indented\n\n\x00end "
 
@@ -103,7 +105,7 @@ def test_tokenizer_stage_manifest(tokenizer_stage):
     assert (produced["unk_id"], produced["bos_id"], produced["eod_id"], produced["pad_id"]) == \
         (0, 1, 2, 3)
     assert 0 < produced["sample_bytes"] <= 400_000
-    assert produced["sha256"] == tokenizer.sha256_file(model)
+    assert produced["sha256"] == sha256_file(model)
     assert not (spec.out / "sample.txt").exists()
 
 
@@ -171,8 +173,8 @@ def test_prepare_stage_shards_and_resume(ray_local, tmp_path, tokenizer_stage, s
         assert shard["prefix"] == str((tmp_path / "prep" / "shards" / name).resolve())
         assert shard["documents"] == len(ds) == len(docs)
         assert shard["tokens"] == int(ds.sequence_lengths.sum())
-        assert shard["bin_sha256"] == tokenizer.sha256_file(shard["prefix"] + ".bin")
-        assert shard["idx_sha256"] == tokenizer.sha256_file(shard["prefix"] + ".idx")
+        assert shard["bin_sha256"] == sha256_file(shard["prefix"] + ".bin")
+        assert shard["idx_sha256"] == sha256_file(shard["prefix"] + ".idx")
         assert shard["quality"] == sources[name].get("quality", "general")
         for i in (0, len(docs) // 2, len(docs) - 1):
             assert sp.decode(ds[i][:-1].tolist()) == docs[i]

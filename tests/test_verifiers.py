@@ -7,9 +7,9 @@ import pytest
 
 from data_recipes import arithmetic
 from data_recipes.sandbox import SandboxLimits
-from data_recipes.verifiers import (CodeTask, answers_equal, extract_answer, extract_code,
-                                    make_code_tasks, score_code, score_code_batch,
-                                    score_math, score_math_batch)
+from data_recipes.code_tasks import CodeTask, make_code_tasks
+from data_recipes.verifiers import (answers_equal, extract_answer, extract_code, score_code,
+                                    score_code_batch, score_math, score_math_batch)
 
 # --- math ---
 

@@ -121,3 +121,11 @@ def teardown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def one_process() -> None:
+    """Conversion is one process's work (more would write the same files at once)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != 1:
+        raise ValueError(f"launcher: import/export stages run as one process, not {world} "
+                         "(set nproc_per_node: 1, nodes: 1)")

@@ -124,12 +124,15 @@ class EngineGenerator(Generator):
 
     `chat` prompts use our chat template and stop at `<|im_end|>`; `completion` prompts fill
     `completion_template` with the last user message (a base model continues a document).
+    `cfg` is a GeneratorConfig; for `encode`, `stop_ids` and `decode` any PromptFormat will do
+    (RL's policy samples through them). `progress` (stages.engine.progress), when given, advances
+    by the prompts of every finished batch.
     """
 
-    def __init__(self, model, tokenizer, cfg):
+    def __init__(self, model, tokenizer, cfg, progress=None):
         from data_recipes.chat import IM_END
 
-        self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.model, self.tok, self.cfg, self.progress = model, tokenizer, cfg, progress
         self.stop_ids = {tokenizer.eod_id}
         if cfg.prompt_format == "chat":
             self.stop_ids.add(tokenizer.token_id(IM_END))
@@ -151,7 +154,13 @@ class EngineGenerator(Generator):
             prompts = [self.encode(chat) for chat in chats[i:i + c.batch_size]]
             for new in generate(self.model, prompts, sampling, self.stop_ids, self.tok.vocab_size):
                 self.tokens_generated += len(new)
-                ids = [t for t in new if t not in self.stop_ids]
-                out.append(cut_at_stop(self.tok.decode(ids), list(c.stop)))
+                out.append(self.decode(new))
+            if self.progress is not None:
+                self.progress.advance(len(prompts))
         return out
+
+    def decode(self, new: list[int]) -> str:
+        """The text of sampled tokens: stop tokens dropped, cut at the first stop string."""
+        return cut_at_stop(self.tok.decode([t for t in new if t not in self.stop_ids]),
+                           list(self.cfg.stop))
 

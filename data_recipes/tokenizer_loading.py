@@ -3,15 +3,19 @@
 Every stage that turns text into tokens (SFT data, generation, eval) goes through `load_tokenizer`,
 so a tokenizer trained by our `tokenizer` stage (sentencepiece) and one that came with an imported
 model (`hf`: its tokenizer.json, written by the `import` stage) behave alike. The manifest says
-which it is (`"format"`; sentencepiece when absent).
+which it is (`"format"`; sentencepiece when absent). Below them, the per-process caches of loaded
+sentencepiece processors and HF tokenizers (a Ray worker loads each file once, not once per task).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from stages.contract import MANIFEST, read_json
+import sentencepiece as spm
 
 
 class Tokenizer(Protocol):
@@ -32,8 +36,6 @@ class Tokenizer(Protocol):
 
 class SentencePieceTokenizer:
     def __init__(self, model_file: str):
-        from data_recipes.tokenize import load_processor
-
         self.model_file = model_file
         self.sp = load_processor(model_file)
         self.vocab_size = self.sp.get_piece_size()
@@ -63,8 +65,6 @@ class HFTokenizer:
     """
 
     def __init__(self, tokenizer_file: str, vocab_size: int, eod_id: int, pad_id: int):
-        from data_recipes.tokenize import load_hf_tokenizer
-
         self.model_file = tokenizer_file
         self.tok = load_hf_tokenizer(tokenizer_file)
         self.vocab_size, self.eod_id, self.pad_id = vocab_size, eod_id, pad_id
@@ -93,14 +93,9 @@ def load_tokenizer(manifest: dict[str, Any]) -> Tokenizer:
     raise ValueError(f"tokenizer format {fmt!r} is not supported (one of: sentencepiece, hf)")
 
 
-def tokenizer_of_stage(stage_dir: str | Path) -> Tokenizer:
-    return load_tokenizer(read_json(Path(stage_dir) / MANIFEST))
-
-
 def tokenizer_mismatch(a: Tokenizer, b: Tokenizer) -> str | None:
     """Why two tokenizers would not give the same ids for the same text, or None if they are the
     same model file (byte for byte: sentencepiece's merges are in it, not only the vocabulary)."""
-    import hashlib
 
     def digest(t: Tokenizer) -> str:
         return hashlib.sha256(Path(t.model_file).read_bytes()).hexdigest()
@@ -115,3 +110,56 @@ def tokenizer_mismatch(a: Tokenizer, b: Tokenizer) -> str | None:
     if (a.eod_id, a.pad_id) != (b.eod_id, b.pad_id):
         return f"end-of-document/pad ids differ ({a.eod_id}/{a.pad_id} vs {b.eod_id}/{b.pad_id})"
     return "same vocabulary but different model files (merges or normalisation may differ)"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, cached per process
+
+_PROCESSORS: dict[tuple, spm.SentencePieceProcessor] = {}
+"""Per-process cache: a worker loads each tokenizer once, not once per task."""
+
+
+def load_processor(model_path: str) -> spm.SentencePieceProcessor:
+    """The processor for a .model file, cached per (path, mtime, size): a file rewritten in
+    place (a retrained tokenizer in a long-lived worker) is loaded again."""
+    st = os.stat(model_path)
+    key = (str(model_path), st.st_mtime_ns, st.st_size)
+    sp = _PROCESSORS.get(key)
+    if sp is None:
+        sp = _PROCESSORS[key] = spm.SentencePieceProcessor(model_file=str(model_path))
+    return sp
+
+
+_HF_TOKENIZERS: dict[tuple, object] = {}
+
+
+def is_hf_tokenizer(model_path: str) -> bool:
+    """An imported model's tokenizer.json (the `import` stage's manifest names it as model_file)."""
+    return str(model_path).endswith(".json")
+
+
+def load_hf_tokenizer(path: str):
+    """A `tokenizers.Tokenizer` from a tokenizer.json, cached per process like load_processor."""
+    from tokenizers import Tokenizer
+
+    st = os.stat(path)
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    tok = _HF_TOKENIZERS.get(key)
+    if tok is None:
+        tok = _HF_TOKENIZERS[key] = Tokenizer.from_file(str(path))
+        tok.no_truncation()
+        tok.no_padding()
+    return tok
+
+
+def hf_eod_id(path: str) -> int:
+    """A tokenizer.json does not say which token ends a document: the import stage writes it
+    beside it, in eod.json."""
+    return json.loads((Path(path).parent / "eod.json").read_text())["eod_id"]
+
+
+def vocab_size_of(model_path: str) -> int:
+    """Token ids of a tokenizer range over [0, this): sentencepiece pieces or HF entries."""
+    if is_hf_tokenizer(model_path):
+        return load_hf_tokenizer(model_path).get_vocab_size(with_added_tokens=True)
+    return load_processor(model_path).get_piece_size()
