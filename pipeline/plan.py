@@ -5,6 +5,7 @@ from __future__ import annotations
 from pipeline.graph import StageNode
 from pipeline.recipe import Recipe
 from pipeline.state import stage_state
+from stages.configs.hf import read_hf_config
 from stages.configs.model import ModelConfig, num_params, padded_vocab_size
 from stages.configs.pretrain import PretrainConfig
 from schedulers.fg_wsd import pretrain_schedule
@@ -32,8 +33,6 @@ def _pretrain(recipe: Recipe, graph: dict[str, StageNode], node: StageNode) -> l
     model = ModelConfig(**node.model)
     tok = graph[cfg.tokenizer].config
     if tok.kind == "import":  # an imported model's vocabulary is its config.json's
-        from stages.configs.hf import read_hf_config
-
         vocab = read_hf_config(tok.path)[1]
     else:
         vocab = tok.vocab_size

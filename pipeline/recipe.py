@@ -1,11 +1,12 @@
 """The recipe: a YAML file + dotlist overrides, checked against dataclass schemas.
 
-    recipe = load_recipe("recipes/tiny.yaml", ["stages.pretrain.phases.2.tokens=65536"])
+    recipe = read_recipe("recipes/tiny.yaml", ["stages.pretrain.phases.2.tokens=65536"])
 
 The top level is `Recipe`; each source is checked against its kind's dataclass
 (`data_recipes.sources.SOURCE_KINDS`), each stage against its kind's (`stages.configs.STAGE_KINDS`).
 Every problem is reported as `RecipeError` lines `<key.path>: <what is wrong>`; the CLI prints
-them and exits with 2 before anything starts. Semantic checks live in `pipeline.validate`.
+them and exits with 2 before anything starts. Semantic checks live in `pipeline.validate`, whose
+`load_recipe` (read + validate) is the entry point the CLI and the tests use.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_recipes.sources import SOURCE_KINDS
-from data_recipes.config_fields import MISSING
+from data_recipes.config_fields import MISSING, ref_fields
 from stages.configs import STAGE_KINDS
+from stages.configs.rl import RLConfig
 from launch.config import LaunchConfig
 from stages.configs.model import ModelConfig
 
@@ -75,16 +77,14 @@ class Recipe:
 # Loading
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read, override, check the schema and the semantics; raise RecipeError on any problem."""
-    from pipeline.validate import validate
-
+def read_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and check the schema (not the semantics: `pipeline.validate.load_recipe`);
+    raise RecipeError on any problem."""
     raw = _read_yaml(path)
     for item in overrides or []:
         _apply_override(raw, item)
     recipe = conform(raw)
     _absolute_paths(recipe, Path.cwd())
-    validate(recipe)
     return recipe
 
 
@@ -136,7 +136,7 @@ def conform(raw: DictConfig) -> Recipe:
         for name, item in node.items():
             path = f"{section}.{name}"
             kind = item.get("kind") if isinstance(item, DictConfig) else None
-            if kind not in kinds:
+            if not isinstance(kind, str) or kind not in kinds:
                 problems.append((f"{path}.kind", f"{kind!r} is not a {section[:-1]} kind; one of "
                                                  f"{', '.join(sorted(kinds))}"))
                 continue
@@ -155,9 +155,6 @@ def expand_substages(stages: dict[str, Any]) -> dict[str, Any]:
     sub-stage each, each starting from the previous one's checkpoint), so every sub-stage is its
     own resumable node with its own hash: a crash in `b` never reruns `a`. A reference to `name`
     from another stage means its last sub-stage."""
-    from stages.configs.rl import RLConfig
-    from data_recipes.config_fields import ref_fields
-
     out: dict[str, Any] = {}
     last: dict[str, str] = {}
     for name, cfg in stages.items():
@@ -184,7 +181,7 @@ def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
     are checked item by item here (and get `phases[2].tokens`-style paths).
     """
     if not isinstance(node, DictConfig):
-        problems.append((path, f"must be a mapping, got {node!r}"))
+        problems.append((path, f"must be a mapping, got {_shown(node)}"))
         return None
     hints = typing.get_type_hints(cls)
     node = node.copy()
@@ -193,7 +190,12 @@ def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
     for f in dataclasses.fields(cls):
         hint, value = hints[f.name], node.get(f.name)
         elem = _list_item_dataclass(hint)
-        if elem is not None and isinstance(value, ListConfig):
+        if value is not None and ((elem is not None and not isinstance(value, ListConfig)) or (
+                dataclasses.is_dataclass(hint) and not isinstance(value, DictConfig))):
+            problems.append((_join(path, f.name), f"must be a {'list' if elem else 'mapping'}, "
+                                                  f"got {_shown(value)}"))
+            failed = True
+        elif elem is not None and isinstance(value, ListConfig):
             items[f.name] = [_structured(elem, x, f"{_join(path, f.name)}[{i}]", problems)
                              for i, x in enumerate(value)]
             failed |= any(x is None for x in items[f.name])  # reported with its own path
@@ -219,7 +221,16 @@ def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
         key, _, msg = str(e).partition(": ")
         problems.append((_join(path, key), msg) if msg else (path, str(e)))
         return None
+    except TypeError as e:  # a value of a type the check itself could not handle
+        problems.append((path, f"a value has the wrong type ({e})"))
+        return None
     return obj
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return repr(value)
 
 
 def _list_item_dataclass(hint: Any) -> type | None:

@@ -1,4 +1,6 @@
-"""Semantic checks of a schema-valid recipe, run before anything starts.
+"""Semantic checks of a schema-valid recipe, run before anything starts, and `load_recipe`.
+
+    recipe = load_recipe("recipes/tiny.yaml", ["stages.pretrain.phases.2.tokens=65536"])
 
 Each problem is `(key path, message)`; all of them are collected and raised together as a
 RecipeError, so a user fixes a recipe in one round.
@@ -6,17 +8,18 @@ RecipeError, so a user fixes a recipe in one round.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
 from data_recipes.sources import missing_paths
 from pipeline.graph import stage_launcher, stage_model, stage_refs, topo_order
-from pipeline.recipe import Recipe, RecipeError
+from pipeline.recipe import Recipe, RecipeError, read_recipe
 from schedulers.fg_wsd import check as check_schedule
 from schedulers.mixture import check_weights
 from stages.configs.post_training import DistillConfig
-from stages.configs.hf import ImportConfig
+from stages.configs.hf import ImportConfig, UnsupportedModel, architecture_mismatch, read_hf_config
 from stages.configs.pretrain import PretrainConfig
 from stages.configs.rl import RLConfig
 from schedulers.fg_wsd import phase_specs, pretrain_schedule
@@ -29,6 +32,13 @@ REF_KINDS = {"tokenizer": TOKENIZER_KINDS, "teacher_tokenizer": TOKENIZER_KINDS,
              "data": ("prepare",), "init": CHECKPOINT_KINDS, "engine": CHECKPOINT_KINDS,
              "student": CHECKPOINT_KINDS, "teacher": CHECKPOINT_KINDS, "judge": CHECKPOINT_KINDS,
              ("sft", "data"): ("sft_data",)}
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, check the schema and the semantics; raise RecipeError on any problem."""
+    recipe = read_recipe(path, overrides)
+    validate(recipe)
+    return recipe
 
 
 def validate(recipe: Recipe) -> None:
@@ -67,7 +77,7 @@ def _check_stage(recipe: Recipe, name: str, cfg) -> list[tuple[str, str]]:
         if dep not in recipe.stages:
             problems.append((f"{path}.after[{i}]", f"{dep!r} is not a stage of this recipe ({known})"))
     for i, source in enumerate(getattr(cfg, "sources", None) or []):
-        if source not in recipe.sources:
+        if not isinstance(source, str) or source not in recipe.sources:
             problems.append((f"{path}.sources[{i}]", f"{source!r} is not a source of this recipe "
                                                      f"({', '.join(recipe.sources) or 'none'})"))
     for key, resolve in (("model", stage_model), ("launcher", stage_launcher)):
@@ -118,8 +128,6 @@ def _check_distill(recipe: Recipe, path: str, cfg: DistillConfig) -> list[tuple[
 
 def _check_import(path: str, cfg: ImportConfig) -> list[tuple[str, str]]:
     """The HF directory exists and holds a model we convert exactly (read: config.json only)."""
-    from stages.configs.hf import UnsupportedModel, read_hf_config
-
     config = Path(cfg.path) / "config.json"
     if not config.is_file():
         return [(f"{path}.path", f"{config} does not exist (a Hugging Face model directory)")]
@@ -132,8 +140,6 @@ def _check_import(path: str, cfg: ImportConfig) -> list[tuple[str, str]]:
 
 def _check_imported_model(recipe: Recipe, path: str, cfg) -> list[tuple[str, str]]:
     """A stage that starts from an import stage's weights must describe the same architecture."""
-    from stages.configs.hf import architecture_mismatch, read_hf_config
-
     dep = getattr(cfg, "init", None)
     model = stage_model(recipe, cfg)
     upstream = recipe.stages.get(dep) if dep else None
@@ -165,6 +171,8 @@ def _check_pretrain(recipe: Recipe, path: str, cfg: PretrainConfig) -> list[tupl
     for key, gbs in batches:
         if gbs % cfg.micro_batch_size:
             problems.append((key, f"{gbs} is not a multiple of micro_batch_size {cfg.micro_batch_size}"))
+    if not cfg.phases:
+        problems.append((f"{path}.phases", "give at least one phase (name, tokens, mixture)"))
     data_sources = set(recipe.stages[cfg.data].sources)
     for i, phase in enumerate(cfg.phases):
         key = f"{path}.phases[{i}].mixture"

@@ -1,7 +1,7 @@
 """Stage graph: content hashes, what an override invalidates, dependency order."""
 
 from pipeline.graph import build_graph
-from pipeline.recipe import load_recipe
+from pipeline.validate import load_recipe
 
 from conftest import REPO
 

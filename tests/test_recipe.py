@@ -3,7 +3,8 @@
 import pytest
 
 from pipeline.cli import main
-from pipeline.recipe import RecipeError, load_recipe
+from pipeline.recipe import RecipeError
+from pipeline.validate import load_recipe
 
 from conftest import REPO
 

@@ -249,7 +249,7 @@ def test_dry_run_writes_and_prints_the_scripts_and_submits_nothing(write_recipe,
 
 def test_sbatch_script_of_the_3b_recipes_multi_node_gpu_stage(tmp_path, monkeypatch):
     from pipeline.graph import build_graph
-    from pipeline.recipe import load_recipe
+    from pipeline.validate import load_recipe
 
     monkeypatch.chdir(tmp_path)  # the recipe's relative workdir lands here
     graph = build_graph(load_recipe(REPO / "recipes" / "nanbeige3b.yaml"))
