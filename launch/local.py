@@ -4,7 +4,9 @@
 
 The job runs in a new session (its own process group), so a Ctrl-C in the driver's terminal does
 not reach it: the driver decides what to tell it (SIGTERM: checkpoint and stop). stdout and stderr
-go, appended, to `<output_dir>/job.log`; the job's pid is in `<output_dir>/job.pid`.
+go, appended, to `<output_dir>/job.log`; torchrun's pid is in `<output_dir>/job.pid` and each
+worker's in `<output_dir>/workers/<rank>.pid`: a worker can outlive torchrun for a moment (it
+kills itself when torchrun is gone, stages.engine.ownership), and until then it is the job.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from launch.config import LaunchConfig
 from stages.configs import stage_module
-from stages.contract import EXIT_STATUS, LOG, MANIFEST, StageSpec, read_json
+from stages.contract import EXIT_STATUS, LOG, MANIFEST, WORKERS, StageSpec, read_json
 
 PID_FILE = "job.pid"
 
@@ -92,15 +94,29 @@ def _worker_signal(log: Path) -> str | None:
     return f"a worker was killed by {signal.Signals(int(found[-1])).name}" if found else None
 
 
-def live_job(out: Path) -> int | None:
-    """The pid of this stage dir's job if it is still running (e.g. orphaned by a killed driver)."""
+def job_processes(out: Path) -> list:
+    """The live processes of this stage dir's latest job: torchrun and each worker it started
+    (psutil.Process objects; a recorded pid counts only while its command line names this dir's
+    spec, so a reused pid is not mistaken for the job)."""
     import psutil
 
-    try:
-        proc = psutil.Process(int((out / PID_FILE).read_text()))
-        return proc.pid if str(out / "spec.json") in " ".join(proc.cmdline()) else None
-    except (OSError, ValueError, psutil.Error):
-        return None
+    pid_files = [out / PID_FILE, *sorted((out / WORKERS).glob("*.pid"))]
+    found = []
+    for path in pid_files:
+        try:
+            proc = psutil.Process(int(path.read_text()))
+            if str(out / "spec.json") in " ".join(proc.cmdline()):
+                found.append(proc)
+        except (OSError, ValueError, psutil.Error):
+            pass
+    return found
+
+
+def live_job(out: Path) -> int | None:
+    """The pid of this stage dir's job if any process of it still runs (orphaned by a killed
+    driver, or a worker that outlives its torchrun): torchrun's when it is alive."""
+    procs = job_processes(out)
+    return procs[0].pid if procs else None
 
 
 def stop_job(out: Path, sig: int = signal.SIGTERM) -> int | None:
@@ -109,19 +125,21 @@ def stop_job(out: Path, sig: int = signal.SIGTERM) -> int | None:
     The workers are signalled directly, not torchrun: torchrun would forward the signal but
     SIGKILL its workers 30 s later, which can cut a large checkpoint short.
     """
-    import psutil
-
-    try:
-        pid = int((out / PID_FILE).read_text())
-        workers = psutil.Process(pid).children() or [psutil.Process(pid)]
-    except (OSError, ValueError, psutil.Error):
-        return None
+    procs = job_processes(out)
+    workers = [p for p in procs if p.pid != _torchrun_pid(out)] or procs
     for proc in workers:
         try:
             proc.send_signal(sig)
-        except psutil.Error:
+        except Exception:  # psutil.Error: gone meanwhile
             pass
-    return pid
+    return procs[0].pid if procs else None
+
+
+def _torchrun_pid(out: Path) -> int | None:
+    try:
+        return int((out / PID_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def wait_gone(pid: int, timeout: float) -> bool:

@@ -32,3 +32,36 @@ def test_failure_carries_the_jobs_error_or_the_signal(tmp_path):
     write(tmp_path, "job.log", "Traceback ...\n")
     assert job_result(tmp_path, 1).error == "exited with code 1"
     assert job_result(tmp_path, 1).log == str(tmp_path / "job.log")
+
+
+def test_a_second_job_on_a_held_stage_dir_fails_naming_the_holder_and_touches_nothing(tmp_path):
+    """One job per stage dir: the rank-0 worker flocks `job.lock`; a second job waits (here 1 s)
+    for the holder to end, then exits 1 naming it, writing no exit.json and no manifest."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    from stages.contract import StageSpec, save_spec
+
+    spec = save_spec(StageSpec(name="s", kind="noop", config={"kind": "noop"},
+                               output_dir=str(tmp_path)))
+    fd = os.open(tmp_path / "job.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live job holds it
+    os.write(fd, b"pid 4242 on node7, since 2026-11-30 10:00:00")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "stages.noop", "--spec", str(spec)],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PIPELINE_JOB_LOCK_WAIT_S": "1"})
+    finally:
+        os.close(fd)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "waiting up to 1s for the job that holds" in proc.stdout
+    assert (f"s: {tmp_path} is in use by another job (pid 4242 on node7, since 2026-11-30 "
+            "10:00:00); stop it first") in proc.stderr
+    assert not (tmp_path / "exit.json").exists() and not (tmp_path / "manifest.json").exists()
+    # once the holder is gone, the same job runs
+    done = subprocess.run([sys.executable, "-m", "stages.noop", "--spec", str(spec)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pid" in (tmp_path / "job.lock").read_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -159,3 +160,134 @@ def test_sigterm_checkpoints_exits_75_and_resumes(reference, data, tmp_path):
     assert (read_json(tmp_path / "manifest.json")["params_sha256"]
             == read_json(reference / "manifest.json")["params_sha256"])
     assert records(tmp_path) == records(reference)
+
+
+def test_killed_torchrun_leaves_no_worker_and_the_rerun_trains_alone(reference, data, tmp_path):
+    """SIGKILL torchrun's process group mid-training and rerun at once, as the launcher does.
+
+    torchrun starts its worker in a session of its own, so the kill does not reach it; before the
+    fix it trained on beside the rerun's worker in the same dir. Now it follows its torchrun
+    within a moment, the rerun's worker takes the stage dir only once it has, and the end result
+    is bitwise the uninterrupted run's."""
+    import threading
+    import time
+
+    import psutil
+
+    from launch.config import LaunchConfig
+    from launch.local import run_job
+    from stages.contract import load_spec
+    from stages.engine.checkpoint import latest_checkpoint
+
+    spec = load_spec(write_spec(tmp_path, data))
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    first = threading.Thread(target=run_job, args=(spec, LaunchConfig()), kwargs={"env": env})
+    first.start()
+    deadline = time.monotonic() + 180
+    while latest_checkpoint(tmp_path / "checkpoints") is None:
+        assert first.is_alive() and time.monotonic() < deadline, "no checkpoint before the kill"
+        time.sleep(0.005)
+    old = [psutil.Process(int(p.read_text())) for p in (tmp_path / "workers").glob("*.pid")]
+    assert old and all(p.is_running() for p in old)
+    os.killpg(int((tmp_path / "job.pid").read_text()), signal.SIGKILL)
+    killed_at = time.monotonic()
+    first.join()
+    assert not (tmp_path / "manifest.json").exists(), "finished before it was killed"
+
+    overlaps, old_gone_after, stop = [], [], threading.Event()
+
+    def watch() -> None:  # who holds the stage dir while any worker of the first attempt lives
+        while not stop.is_set():
+            alive = [p.pid for p in old if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            if not alive and not old_gone_after:
+                old_gone_after.append(time.monotonic() - killed_at)
+            holder = (tmp_path / "job.lock").read_text()
+            if alive and holder and not any(f"pid {pid} " in holder for pid in alive):
+                overlaps.append((alive, holder))  # a new worker trains while an old one lives
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run_job(spec, LaunchConfig(), env=env)
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.status == "done", result.error
+    assert not overlaps, overlaps
+    assert old_gone_after and old_gone_after[0] < 10, old_gone_after
+    assert "resumed from" in (tmp_path / "job.log").read_text()
+    assert (read_json(tmp_path / "manifest.json")["params_sha256"]
+            == read_json(reference / "manifest.json")["params_sha256"])
+
+
+def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_one_before_resumed(reference, data,
+                                                                            tmp_path):
+    from stages.engine.checkpoint import complete_checkpoints
+
+    spec = write_spec(tmp_path, data)
+    proc = start_job("stages.pretrain", spec)
+    deadline = time.monotonic() + 180
+    while len(complete_checkpoints(tmp_path / "checkpoints")) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "no two checkpoints"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before, latest = complete_checkpoints(tmp_path / "checkpoints")[-2:]
+    biggest = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    blob = bytearray(biggest.read_bytes())
+    blob[len(blob) // 2] ^= 0x01  # one bit
+    biggest.write_bytes(bytes(blob))
+
+    out = finish_job(start_job("stages.pretrain", spec))
+    assert f"WARNING: checkpoint {latest} is corrupt" in out
+    assert f"resumed from {before}" in out
+    assert (tmp_path / "checkpoints" / f"corrupt-{latest.name}").is_dir()
+    assert (read_json(tmp_path / "manifest.json")["params_sha256"]
+            == read_json(reference / "manifest.json")["params_sha256"])
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes a tree takes on a filesystem (whole blocks, as tmpfs counts them)."""
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_mid_checkpoint_stops_clearly_and_a_rerun_resumes(reference, data, tmp_path):
+    """A real size-capped tmpfs holds the stage dir: room for everything else the run writes and
+    one and a half checkpoints. With keep_checkpoints 1 the second save still needs the first
+    beside it until it is complete, so it runs out of space."""
+    import dataclasses
+    import shutil
+    import subprocess
+
+    from stages.engine.checkpoint import complete_checkpoints
+
+    ckpt = _disk_bytes(complete_checkpoints(reference / "checkpoints")[-1])
+    rest = _disk_bytes(reference) - sum(_disk_bytes(p) for p in complete_checkpoints(
+        reference / "checkpoints"))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = rest + int(1.5 * ckpt) + (256 << 10)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                            str(disk)]).returncode != 0:
+        pytest.skip("no size-capped tmpfs can be mounted here (needs root)")
+    try:
+        out_dir = disk / "pretrain"
+        spec = save_spec(StageSpec(name="pretrain", kind="pretrain", output_dir=str(out_dir),
+                                   config=asdict(dataclasses.replace(CONFIG, keep_checkpoints=1)),
+                                   inputs={"tokenizer": str(data), "data": str(data)},
+                                   model=asdict(MODEL)))
+        out = finish_job(start_job("stages.pretrain", spec), expect=1)
+        assert "no space left for checkpoint step-" in out and f"in {out_dir / 'checkpoints'}" in out
+        assert "MiB free, it needs about" in out
+        left = sorted(p.name for p in (out_dir / "checkpoints").iterdir())
+        assert len(left) == 1 and not left[0].endswith(".tmp"), left  # only the complete one
+        assert read_json(out_dir / "exit.json")["status"] == "failed"
+        subprocess.run(["mount", "-o", f"remount,size={20 * size}", str(disk)], check=True)
+        out = finish_job(start_job("stages.pretrain", spec))
+        assert f"resumed from {out_dir / 'checkpoints' / left[0]}" in out
+        assert (read_json(out_dir / "manifest.json")["params_sha256"]
+                == read_json(reference / "manifest.json")["params_sha256"])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+        shutil.rmtree(disk, ignore_errors=True)

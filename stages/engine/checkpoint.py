@@ -1,8 +1,12 @@
 """Atomic, resumable checkpoints with megatron's dist_checkpointing.
 
 Layout: `<output_dir>/checkpoints/step-000123/`. A checkpoint is written into `step-000123.tmp`,
-a completion marker is written inside it last, and the directory is renamed: a directory that is
-still `.tmp` or has no marker was interrupted mid-write, is never loaded and is removed.
+the checksums of its files and then a completion marker are written inside it last, and the
+directory is renamed: a directory that is still `.tmp` or has no marker was interrupted mid-write,
+is never loaded and is removed. A complete one whose files no longer match their checksums is
+skipped on resume (renamed `corrupt-step-000123`, kept for a look) for the one before it
+(stages.engine.checkpoint_integrity). A disk that fills during a save stops the job with a message
+naming the directory and the space needed, and leaves no partial checkpoint behind.
 
 What a checkpoint holds:
   model      the unwrapped GPTModel's sharded_state_dict (the DDP wrapper would prefix `module.`)
@@ -31,6 +35,8 @@ import torch.distributed as dist
 
 from data_recipes.config_fields import from_dict
 from stages.configs.model import ModelConfig
+from stages.engine.checkpoint_integrity import (dir_bytes, disk_full, is_disk_full, verify,
+                                                write_checksums)
 from stages.engine.model import unwrap
 
 MARKER = "complete.json"
@@ -129,6 +135,10 @@ def _is_rank0() -> bool:
 
 
 def _ignore_stop_signals() -> None:
+    """The checkpoint writer's Manager: deaf to stop signals, but gone with the worker."""
+    from stages.engine.ownership import follow_parent
+
+    follow_parent()
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -171,15 +181,26 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer,
     model_sd = unwrap(model).sharded_state_dict()
     state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd),
              "rng": _sharded_rng(rng_state()), "extra": extra}
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
-    if _is_rank0():
-        from stages.contract import write_json_atomic
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        _barrier()
+        if _is_rank0():
+            from stages.contract import write_json_atomic
 
-        write_json_atomic(tmp / MARKER, {"step": step})
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        prune(root, keep)
+            write_checksums(tmp)
+            write_json_atomic(tmp / MARKER, {"step": step})
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            prune(root, keep)
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if not is_disk_full(e):
+            raise
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(root)
+        needed = dir_bytes(last) if last else 3 * sum(  # weights + two Adam moments
+            p.numel() * p.element_size() for p in unwrap(model).parameters())
+        raise disk_full(Path(root), final.name, needed) from e
     _barrier()
     return final
 
@@ -206,6 +227,7 @@ def resume_or_start(root: str | os.PathLike, model, optimizer, init: str | None,
     Interrupted writes are removed first."""
     if _is_rank0():
         remove_incomplete(root)
+        set_aside_corrupt(root)
     _barrier()
     latest = latest_checkpoint(root)
     if latest is not None:
@@ -215,6 +237,23 @@ def resume_or_start(root: str | os.PathLike, model, optimizer, init: str | None,
     if init:
         load_model_weights_only(init, model)
     return fresh
+
+
+def set_aside_corrupt(root: str | os.PathLike) -> list[Path]:
+    """From the newest complete checkpoint back, rename each whose files fail their checksums
+    (WARNING naming it) until an intact one is found; returns those set aside."""
+    aside = []
+    for path in reversed(complete_checkpoints(root)):
+        problem = verify(path, MARKER)
+        if problem is None:
+            break
+        corrupt = path.with_name(f"corrupt-{path.name}")
+        shutil.rmtree(corrupt, ignore_errors=True)
+        os.replace(path, corrupt)
+        print(f"WARNING: checkpoint {path} is corrupt ({problem}); set aside as {corrupt.name}, "
+              "resuming from the one before it", flush=True)
+        aside.append(corrupt)
+    return aside
 
 
 def save_at_step_end(root: str | os.PathLike, step: int, last_step: int, due: bool, model,
@@ -249,6 +288,10 @@ def load_model_weights_only(path: str | os.PathLike, model) -> None:
         if found is None:
             raise FileNotFoundError(f"no complete checkpoint under {root}")
         path = found
+    problem = verify(path, MARKER)
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} is corrupt ({problem}); rerun the stage that wrote "
+                         "it, or point at an intact one")
     loaded = dist_checkpointing.load({"model": unwrap(model).sharded_state_dict()}, str(path))
     unwrap(model).load_state_dict(loaded["model"])
 

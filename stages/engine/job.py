@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from stages.contract import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, StageSpec, parse_spec_arg,
                              write_exit_status, write_manifest)
+from stages.engine import ownership
 
 
 class Preempted(Exception):
@@ -50,7 +51,19 @@ def rank() -> int:
 
 def main(run: Callable[[StageSpec], dict[str, Any]], argv: list[str] | None = None) -> None:
     spec = parse_spec_arg(argv)
+    if ownership.started_by_torchrun():  # a worker must not outlive its torchrun agent
+        if not ownership.torchrun_is_parent():
+            print(f"{spec.name}: torchrun is gone before the worker started; exiting", flush=True)
+            sys.exit(EXIT_FAILED)
+        ownership.follow_parent()
+    ownership.record_worker(spec.out, rank())
     install_preemption_handlers()
+    if rank() == 0:  # before anything in the stage dir is read or written
+        try:
+            ownership.hold_stage_dir(spec.out)
+        except ownership.StageDirBusy as e:  # no exit.json: that is the running job's to write
+            print(f"{spec.name}: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_FAILED)
     if "SLURM_JOB_ID" in os.environ and rank() == 0:  # which start of a requeued job this is
         print(f"{spec.name}: slurm job {os.environ['SLURM_JOB_ID']}, SLURM_RESTART_COUNT="
               f"{os.environ.get('SLURM_RESTART_COUNT', '0')}", flush=True)
