@@ -4,6 +4,7 @@
                     [--dry-run] [--cancel-on-interrupt]
     pipeline plan   RECIPE [key=value ...]                        DAG, budgets, cost; runs nothing
     pipeline status RECIPE [key=value ...]                        each stage's state and run id
+    pipeline sync   RECIPE [key=value ...]                        send MLflow what an outage kept
     pipeline submit RECIPE [key=value ...] [--time T] [--partition P] [--cpus N] [--mem M]
                                                       `pipeline run` as a small Slurm CPU job
     pipeline export RECIPE STAGE [key=value ...] [--out DIR] [--dtype D]   a finished stage as
@@ -22,7 +23,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.recipe import RecipeError, load_recipe
+from pipeline.graph import build_graph
+from pipeline.recipe import RecipeError
+from pipeline.validate import load_recipe
 
 EXIT_BAD_RECIPE = 2
 
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_ in (("run", "run every stage that is not complete"),
                         ("plan", "print the DAG, token budgets, steps and a GPU-hours estimate"),
                         ("status", "print each stage's state, output dir and MLflow run id"),
+                        ("sync", "send MLflow what a tracking-server outage kept back"),
                         ("submit", "sbatch the driver (`pipeline run`) as a small CPU job")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="recipe YAML file")
@@ -58,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        from pipeline.graph import build_graph
-
         graph = build_graph(recipe)
     except RecipeError as e:
         for key, msg in e.problems:
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         return _status(graph)
+    if args.command == "sync":
+        return _sync(recipe, graph)
     if args.command == "submit":
         return _submit(recipe, args)
     if args.command == "export":
@@ -137,6 +141,27 @@ def _print_slurm_scripts(graph) -> None:
         if node.launcher.kind == "slurm":
             print(f"== {name}: sbatch script ({node.output_dir}/sbatch.sh when run)")
             print(launch_text(node, graph))
+
+
+def _sync(recipe, graph) -> int:
+    from pathlib import Path
+
+    from pipeline.runner import EXIT_BUSY
+    from pipeline.state import LockedError, WorkdirLock
+    from pipeline.tracking import Tracker
+
+    try:
+        with WorkdirLock(Path(recipe.workdir)):  # a live run's jobs are still sending
+            tracker = Tracker(recipe)
+            if not tracker.sync(graph):
+                print(f"error: {tracker.uri} cannot be reached; nothing was lost, try again later",
+                      file=sys.stderr)
+                return 1
+    except LockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    print(f"MLflow at {tracker.uri} has everything of {recipe.name!r}")
+    return 0
 
 
 def _status(graph) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 from launch import local, slurm
 from pipeline.graph import StageNode, make_spec
 from pipeline.state import WorkdirLock, set_status, stage_state
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, needs_sync
 from launch.config import LaunchConfig
 from stages.contract import LOG, StageSpec, save_spec
 
@@ -63,6 +63,9 @@ def run_graph(graph: dict[str, StageNode], make_tracker, *, ray_address: str | N
                   f" {node.output_dir}", flush=True)
         if not todo:
             print(f"all {len(graph)} stages are complete; nothing to run")
+            if needs_sync(graph, workdir) and not make_tracker().sync(graph):
+                print("[tracking] the server is still unreachable: `pipeline sync` sends what it "
+                      "has not got, once it answers", file=sys.stderr, flush=True)
             return 0
         orphans = {name: local.live_job(graph[name].output_dir) for name in todo
                    if graph[name].launcher.kind == "local"}
@@ -86,6 +89,9 @@ def run_graph(graph: dict[str, StageNode], make_tracker, *, ray_address: str | N
             ray.shutdown()
         ok = all(r["status"] == "done" for r in results.values())
         tracker.finish(ok)
+        if not tracker.sync(graph):
+            print(f"[tracking] {tracker.uri} is still unreachable: `pipeline sync` sends what it "
+                  "has not got, once it answers", file=sys.stderr, flush=True)
         _summary(results)
         if any(r["status"] == "interrupted" for r in results.values()):
             return EXIT_INTERRUPTED
@@ -128,6 +134,7 @@ def _open_runs(make_tracker, graph: dict[str, StageNode], todo: list[str]):
     """The MLflow runs of the stages to run, and their specs (written into their output dirs)."""
     tracker: Tracker = make_tracker()
     print(f"MLflow: {tracker.uri}  (mlflow ui --backend-store-uri {tracker.uri})", flush=True)
+    tracker.sync(graph)  # what an earlier outage kept back (no stage job is running now)
     specs = {}
     for name in todo:
         node = graph[name]

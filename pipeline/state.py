@@ -1,4 +1,4 @@
-"""Run state on disk: what each stage's output dir says about it, and the workdir lock.
+"""Run state on disk: what each stage's output dir says about it, and the workdir's run lease.
 
 A stage is `done` when its manifest exists (the job writes it last, atomically). Otherwise the
 driver's `status.json` says what happened last: running / preempted / interrupted / failed; a
@@ -11,6 +11,8 @@ import fcntl
 import json
 import os
 import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,34 +88,81 @@ def _alive(pid: int | None, host: str | None) -> bool:
     return True
 
 
+HEARTBEAT_S = 10.0
+"""How often a running driver renews its lease."""
+STALE_AFTER_S = 60.0
+"""A lease not renewed for this long is its dead driver's (a node lost, a requeue elsewhere)."""
+
+
 class WorkdirLock:
-    """An exclusive flock on `<workdir>/.pipeline.lock`; the kernel drops it if the driver dies."""
+    """The workdir's run lease, `<workdir>/.pipeline.lock`: the driver's host, pid and Slurm job
+    and a heartbeat time that a thread renews every HEARTBEAT_S while the run lasts.
+
+    A lease is refused while its driver is alive: on this host, its pid runs and its heartbeat is
+    fresh; on another host, its heartbeat is fresh (another host's pids cannot be looked at). A
+    lease whose driver is gone, or that our own Slurm job wrote before it was requeued (perhaps
+    onto another node), is taken over, and the takeover is said. A short flock around the
+    read-decide-write keeps two drivers starting together on one host from both winning.
+    """
 
     def __init__(self, workdir: Path):
         self.path = Path(workdir) / LOCK
-        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mine: dict[str, Any] = {}
 
     def __enter__(self) -> "WorkdirLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise LockedError(f"{self.path.parent} is in use by another `pipeline run` "
-                              f"({holder}); wait for it to finish or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-        self._fd = fd
+        with open(self.path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # held for the decision only
+            held = _read(self.path)
+            if held and not _lease_is_over(held):
+                raise LockedError(f"{self.path.parent} is in use by another `pipeline run` "
+                                  f"({_describe(held)}); wait for it to finish or stop it first")
+            if held:
+                print(f"taking over the run lock of {self.path.parent} from {_describe(held)}: "
+                      f"{_lease_is_over(held)}", file=sys.stderr, flush=True)
+            now = time.time()
+            self._mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": now,
+                          "heartbeat": now, "slurm_job": os.environ.get("SLURM_JOB_ID", "")}
+            write_json_atomic(self.path, self._mine)
+        self._thread = threading.Thread(target=self._beat, name="run-lease", daemon=True)
+        self._thread.start()
         return self
 
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if (_read(self.path) or {}).get("pid") != self._mine["pid"]:
+                print(f"warning: the run lock of {self.path.parent} was taken over",
+                      file=sys.stderr, flush=True)
+                return
+            write_json_atomic(self.path, {**self._mine, "heartbeat": time.time()})
+
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        held = _read(self.path) or {}
+        if held.get("pid") == self._mine.get("pid") and held.get("host") == self._mine.get("host"):
+            self.path.unlink(missing_ok=True)
+
+
+def _lease_is_over(held: dict[str, Any]) -> str:
+    """Why a lease's driver is gone ("" while it may be alive)."""
+    age = time.time() - float(held.get("heartbeat", 0))
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if job and held.get("slurm_job") == job and held.get("pid") != os.getpid():
+        return f"it is this Slurm job's ({job}) from before a requeue"
+    if age > STALE_AFTER_S:
+        return f"no heartbeat for {age:.0f}s"
+    if held.get("host") == socket.gethostname() and not _alive(held.get("pid"), held.get("host")):
+        return f"pid {held.get('pid')} is gone"
+    return ""
+
+
+def _describe(held: dict[str, Any]) -> str:
+    age = time.time() - float(held.get("heartbeat", 0))
+    return f"pid {held.get('pid')} on {held.get('host')}, heartbeat {age:.0f}s ago"
 
 
 class LockedError(RuntimeError):

@@ -20,10 +20,14 @@ from stages.engine.tracking import MetricLogger
 def run(spec: StageSpec) -> dict:
     cfg = from_dict(NoopConfig, spec.config)
     log = MetricLogger(spec)
-    deadline = time.monotonic() + cfg.seconds
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    ticks = 0
+    while time.monotonic() < start + cfg.seconds:
         if job.preempt_requested():
             raise job.Preempted("asked to stop")
+        if cfg.metric_every_s and time.monotonic() >= start + ticks * cfg.metric_every_s:
+            log.log(ticks, {"tick": float(ticks)})
+            ticks += 1
         time.sleep(0.05)
     if cfg.fail:
         raise RuntimeError(cfg.fail_message)

@@ -7,7 +7,8 @@ import time
 from mlflow.tracking import MlflowClient
 
 from stages.contract import StageSpec
-from stages.engine.tracking import MetricLogger, flatten
+from pipeline.tracking import flatten
+from stages.engine.tracking import MetricLogger
 
 
 def spec(tmp_path, uri="", run_id=""):

@@ -77,3 +77,5 @@ class NoopConfig(StageConfig):
     seconds: float = 0.0
     fail: bool = False
     fail_message: str = "failed on purpose (noop stage with fail: true)"
+    metric_every_s: float = 0.0
+    """Log a `tick` metric this often while waiting (0: one metric at the end)."""
