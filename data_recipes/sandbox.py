@@ -17,6 +17,8 @@ Defence in depth, because we run as root (every layer holds even if another one 
   RLIMIT_NPROC (ignored for root) is enforced and counted per run, not shared between runs.
 - rlimits on CPU seconds, address space, file size, processes, open files and core dumps, soft
   and hard, set before the code starts; without CAP_SYS_RESOURCE it cannot raise them back.
+- a memory cap for the run as a whole (all its processes together), in a cgroup of its own where
+  the machine has one (data_recipes.sandbox_memory): forking does not multiply it.
 - no_new_privs, an empty environment, no inherited fds, `python -I -S -B`, a new session, a wall
   clock deadline that kills the namespace's init (and with it every process inside), and
   bounded stdout/stderr.
@@ -37,7 +39,6 @@ Defence in depth, because we run as root (every layer holds even if another one 
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import os
 import secrets
@@ -52,6 +53,9 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+from data_recipes.sandbox_boot import boot_source
+from data_recipes.sandbox_memory import RunCgroup
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ class SandboxLimits:
     """Wall clock for the whole run, sleeping included; then every process of it is killed."""
     memory_mb: int = 512
     """Address space per process (RLIMIT_AS)."""
+    run_memory_mb: int = 512
+    """Memory of all the run's processes together (a cgroup limit, where the machine has one)."""
     file_size_mb: int = 16
     """Largest file a process may write (RLIMIT_FSIZE)."""
     tmpfs_mb: int = 64
@@ -90,7 +96,8 @@ class SandboxLimits:
 class SandboxResult:
     status: str
     """ok | error (non-zero exit) | timeout (wall clock or CPU) | killed (another signal) |
-    output_limit | sandbox_error (the sandbox itself could not start)."""
+    memory_limit (the run's cgroup killed it) | output_limit | sandbox_error (the sandbox itself
+    could not start)."""
     exit_code: int | None
     """The code's exit status, -N when a signal N ended it, None when we killed it."""
     stdout: str
@@ -101,97 +108,6 @@ class SandboxResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-# --- the child: runs as `python -I -S -B -c <source of _boot>`, as root until it drops to uid ---
-
-def _boot() -> None:
-    import os
-    import resource
-    import sys
-
-    mode, hide, prefix, *nums = sys.argv[1:]
-    uid, cpu, mem, fsize, tmpfs_mb, nproc, nofile = map(int, nums)
-    try:
-        # ctypes' C core: 1 ms to import where ctypes takes 10, and we start thousands of these
-        from _ctypes import call_function, dlopen, dlsym
-        libc_handle = dlopen(None)
-
-        def libc(name, *args):
-            return call_function(dlsym(libc_handle, name), args)
-
-        def mount(src, dst, fstype, flags, data=""):
-            if libc("mount", src.encode(), dst.encode(), fstype.encode(), flags, data.encode()):
-                raise OSError(f"mount {fstype} on {dst} failed")
-
-        if mode != "plain":
-            nosuid_nodev, noexec, bind, remount, rdonly, rec = 2 | 4, 8, 4096, 32, 1, 16384
-            for d, mb in (("/tmp", tmpfs_mb), ("/var/tmp", 1), ("/dev/shm", 1)):
-                if os.path.isdir(d):
-                    mount("tmpfs", d, "tmpfs", nosuid_nodev | noexec, f"size={mb}m,mode=1777")
-            if hide:  # the interpreter sits under a dir uid cannot enter: empty it, bind back
-                fd = os.open(prefix, os.O_PATH | os.O_DIRECTORY)
-                mount("tmpfs", hide, "tmpfs", nosuid_nodev, "size=1m,mode=755")
-                os.makedirs(prefix)
-                mount(f"/proc/self/fd/{fd}", prefix, "", bind | rec)
-                mount("", prefix, "", bind | remount | rdonly | nosuid_nodev)
-                os.close(fd)
-            os.mkdir("/tmp/work", 0o700)
-            os.chdir("/tmp/work")
-            if uid >= 0:
-                os.chown("/tmp/work", uid, uid)
-        if uid >= 0 and os.getuid() == 0:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        # PR_SET_NO_NEW_PRIVS (setuid binaries grant nothing), PR_SET_PDEATHSIG=SIGKILL (the
-        # uid change cleared the one unshare set: if unshare dies, so does this namespace)
-        if libc("prctl", 38, 1, 0, 0, 0) or libc("prctl", 1, 9, 0, 0, 0):
-            raise OSError("prctl failed")
-        for res, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, mem, mem),
-                                (resource.RLIMIT_FSIZE, fsize, fsize),
-                                (resource.RLIMIT_NPROC, nproc, nproc),
-                                (resource.RLIMIT_NOFILE, nofile, nofile),
-                                (resource.RLIMIT_CORE, 0, 0)):
-            resource.setrlimit(res, (soft, hard))
-
-        def read(n):
-            buf = b""
-            while len(buf) < n and (chunk := os.read(0, n - len(buf))):
-                buf += chunk
-            return buf
-
-        code = read(int(read(16)))
-    except Exception as e:  # a failed setup must never run the code with less isolation
-        os.write(2, f"sandbox setup failed: {e!r}\n".encode())
-        os._exit(125)  # _SETUP_FAILED (this function only sees its own names)
-    if os.getpid() == 1:
-        # pid 1 of a namespace ignores signals it has no handler for (even SIGKILL from inside),
-        # which would defeat SIGXCPU: run the code in a child and only relay its exit status
-        child = os.fork()
-        if child:
-            while True:
-                pid, status = os.wait()
-                if pid == child:
-                    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status)
-                             else 128 + os.WTERMSIG(status))
-    try:
-        os.setsid()
-    except OSError:  # already a session leader (plain mode)
-        pass
-    sys.argv = ["<sandbox>"]
-    try:
-        exec(compile(code, "<sandbox>", "exec"), {"__name__": "__main__",
-                                                  "__builtins__": __builtins__})
-    except BaseException as e:
-        if isinstance(e, SystemExit):
-            raise
-        import linecache
-        import traceback
-        text = code.decode("utf-8", "replace")
-        linecache.cache["<sandbox>"] = (len(text), None, text.splitlines(True), "<sandbox>")
-        traceback.print_exception(e.with_traceback(e.__traceback__.tb_next))  # from the code on
-        raise SystemExit(1)
 
 
 # --- the parent ---
@@ -239,11 +155,12 @@ def run_python(code: str, limits: SandboxLimits | None = None, stdin: str = "", 
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     start = time.monotonic()
     deadline = start + limits.wall_seconds
-    with _fresh_uid() as uid, _workdir(mode, uid) as cwd:
+    with _fresh_uid() as uid, _workdir(mode, uid) as cwd, _run_cgroup(limits, uid) as cgroup:
         drop = {"user": uid, "group": uid, "extra_groups": []} \
             if uid >= 0 and mode != "namespaces" else {}  # there the child drops it itself
         try:
-            proc = subprocess.Popen(_command(mode, uid, limits), stdin=subprocess.PIPE,
+            proc = subprocess.Popen(cgroup.command(_command(mode, uid, limits)),
+                                    stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     env=dict(_ENV), cwd=cwd, close_fds=True,
                                     start_new_session=True, **drop)
@@ -266,7 +183,17 @@ def run_python(code: str, limits: SandboxLimits | None = None, stdin: str = "", 
                 proc.wait()
         if mode == "plain" and uid >= 0:
             _sweep_uid(uid)  # daemons that left our process group
+        reason = reason or ("memory_limit" if cgroup.oom_killed() else None)
     return _result(proc.returncode, reason, out, err, limits, time.monotonic() - start, mode)
+
+
+@contextmanager
+def _run_cgroup(limits: SandboxLimits, uid: int):
+    cgroup = RunCgroup(limits.run_memory_mb, uid)
+    try:
+        yield cgroup
+    finally:
+        cgroup.remove()
 
 
 @functools.cache
@@ -275,7 +202,7 @@ def _static() -> tuple[str, str, str, tuple[str, ...]]:
     a launcher that kills `unshare` when we die, taking the namespace with it)."""
     prefix = os.path.realpath(sys.base_prefix)
     launcher = ("setpriv", "--pdeathsig", "KILL", "--") if shutil.which("setpriv") else ()
-    return inspect.getsource(_boot) + "\n_boot()\n", prefix, _hidden_ancestor(prefix), launcher
+    return boot_source(), prefix, _hidden_ancestor(prefix), launcher
 
 
 def _command(mode: str, uid: int, limits: SandboxLimits) -> list[str]:

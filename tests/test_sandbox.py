@@ -267,3 +267,29 @@ def test_many_threads_at_once():
 def test_limits_are_validated():
     with pytest.raises(ValueError, match="cpu_seconds"):
         SandboxLimits(cpu_seconds=0)
+
+
+def test_forking_does_not_multiply_the_memory_cap():
+    """8 children each take just under the per-process cap (RLIMIT_AS, 256 MB) and hold it: that
+    is 8 x 200 MB under rlimits alone, but the run as a whole is capped (256 MB), so the kernel
+    kills the children past it and the run ends as `memory_limit`."""
+    from data_recipes.sandbox_memory import cgroup_mode
+
+    if cgroup_mode() == "none":
+        pytest.skip("no cgroup memory controller can be used here: only rlimits cap memory")
+    res = hostile("""
+import os, time
+kids = []
+for i in range(8):
+    pid = os.fork()
+    if pid == 0:
+        block = b"x" * (200 << 20)  # touched: resident, not only reserved
+        time.sleep(3)
+        os._exit(0)
+    kids.append(pid)
+held = sum(os.waitpid(pid, 0)[1] == 0 for pid in kids)
+print(held)
+""", SandboxLimits(memory_mb=256, run_memory_mb=256, wall_seconds=30, max_processes=32))
+    assert res.status == "memory_limit", res
+    held = int(res.stdout) if res.stdout.strip() else 0
+    assert held <= 1, f"{held} children held 200 MB each under a 256 MB run cap"
