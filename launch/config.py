@@ -72,10 +72,10 @@ class LaunchConfig:
                              "(minutes, HH:MM:SS or D-HH:MM:SS)")
         if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", str(self.mem)):
             raise ValueError(f"mem: {self.mem!r} is not a Slurm memory size (e.g. 512G, 64000M, 0)")
-        bad = [o for o in self.extra_sbatch if not o.startswith("-")]
+        bad = [o for o in self.extra_sbatch if not str(o).startswith("-")]
         if bad:
             raise ValueError(f"extra_sbatch: {bad[0]!r} is not an sbatch option (--name=value)")
-        bad = [o for o in self.srun_args if not o.startswith("-")]
+        bad = [o for o in self.srun_args if not str(o).startswith("-")]
         if bad:
             raise ValueError(f"srun_args: {bad[0]!r} is not an srun option (--name=value)")
 

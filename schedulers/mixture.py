@@ -29,6 +29,10 @@ def check_weights(mixture: dict[str, float]) -> str | None:
     """Why a mixture is invalid, or None."""
     if not mixture:
         return "is empty; give at least one source with a weight"
+    not_numbers = [s for s, w in mixture.items()
+                   if isinstance(w, bool) or not isinstance(w, (int, float))]
+    if not_numbers:
+        return f"the weight of {', '.join(not_numbers)} is not a number"
     negative = [s for s, w in mixture.items() if w < 0]
     if negative:
         return f"negative weight for {', '.join(negative)}"

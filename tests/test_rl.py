@@ -14,7 +14,8 @@ import pytest
 
 from data_recipes.oracles import ArithmeticOracle
 from data_recipes.rewards import JudgeReward, build_reward, load_tasks
-from pipeline.recipe import RecipeError, load_recipe
+from pipeline.recipe import RecipeError
+from pipeline.validate import load_recipe
 from data_recipes.generators import GeneratorConfig
 from stages.configs.rl import GRPOConfig, PassRateFilterConfig, RLConfig, RLSubstageConfig
 from data_recipes.prompts import PromptsConfig
@@ -51,7 +52,7 @@ def test_rl_recipe_errors_name_the_substage_key():
                            "stages.rl.substages.2.filter.min_pass=0.95"])
     problems = dict(e.value.problems)
     assert "not a reward" in problems["stages.rl.substages[1].reward.kind"]
-    assert "min_pass < max_pass" in problems["stages.rl.substages[2].filter.min_pass, max_pass"]
+    assert "min_pass < max_pass" in problems["stages.rl.substages[2].filter.max_pass"]
 
 
 def test_rl_straight_from_the_pretrained_model_validates():
@@ -79,7 +80,7 @@ def test_tasks_carry_what_verifies_them_and_rewards_score_them():
 
 
 def _solution(task) -> str:
-    from data_recipes.verifiers import make_code_tasks
+    from data_recipes.code_tasks import make_code_tasks
 
     return next(t.solution for t in make_code_tasks(300, 0) if t.id == task.id)
 
@@ -204,7 +205,7 @@ def test_rl_from_a_base_model_with_nothing_in_the_band_passes_the_weights_on(inp
 def test_an_http_judge_scores_pairs_and_ranks_rollouts_over_real_http(tmp_path):
     """The judge roles go through the generator interface: the same prompts reach a chat model."""
     from chat_server import ChatServer
-    from data_recipes.generators import build_generator
+    from data_recipes.backends import build_generator
     from data_recipes.pairs import JudgeScorer, make_pairs
 
     task = load_tasks(PromptsConfig(num=1, max_digits=1, seed=2))

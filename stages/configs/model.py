@@ -42,6 +42,18 @@ class ModelConfig:
     """The factor of `rope_scaling` (ignored when it is None)."""
 
     def __post_init__(self):
+        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                    "num_query_groups", "seq_length", "make_vocab_size_divisible_by"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: {getattr(self, key)}, must be at least 1")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"head_dim: {self.head_dim}, must be at least 1 (or null)")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"num_query_groups: {self.num_query_groups} does not divide "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.rotary_base <= 0 or self.norm_epsilon <= 0:
+            key = "rotary_base" if self.rotary_base <= 0 else "norm_epsilon"
+            raise ValueError(f"{key}: {getattr(self, key)}, must be positive")
         if self.rope_scaling not in (None, "llama3", "linear"):
             raise ValueError(f"rope_scaling: {self.rope_scaling!r} is not supported; one of "
                              "null, llama3, linear")

@@ -71,7 +71,8 @@ class DistillLossConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: {getattr(self, key)}, must be 0 or more")
         if self.dpo_weight + self.positive_weight + self.negative_weight == 0:
-            raise ValueError("dpo_weight, positive_weight, negative_weight: all 0, nothing to train")
+            raise ValueError("dpo_weight: 0, and so are positive_weight and negative_weight: "
+                             "nothing to train")
 
 
 @dataclass(kw_only=True)

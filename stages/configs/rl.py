@@ -26,7 +26,7 @@ class PassRateFilterConfig:
 
     def __post_init__(self):
         if not 0 <= self.min_pass < self.max_pass <= 1:
-            raise ValueError(f"min_pass, max_pass: {self.min_pass}, {self.max_pass}; need "
+            raise ValueError(f"max_pass: {self.max_pass} with min_pass {self.min_pass}; need "
                              "0 <= min_pass < max_pass <= 1")
         if self.samples < 1:
             raise ValueError(f"samples: {self.samples}, must be at least 1")
