@@ -195,6 +195,12 @@ def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
             problems.append((_join(path, f.name), f"must be a {'list' if elem else 'mapping'}, "
                                                   f"got {_shown(value)}"))
             failed = True
+        elif _list_of_plain(hint) and isinstance(value, ListConfig) and any(
+                isinstance(x, (DictConfig, ListConfig)) for x in value):
+            i = next(i for i, x in enumerate(value) if isinstance(x, (DictConfig, ListConfig)))
+            problems.append((f"{_join(path, f.name)}[{i}]", f"must be a {_list_of_plain(hint)}, "
+                                                             f"got {_shown(value[i])}"))
+            failed = True
         elif elem is not None and isinstance(value, ListConfig):
             items[f.name] = [_structured(elem, x, f"{_join(path, f.name)}[{i}]", problems)
                              for i, x in enumerate(value)]
@@ -231,6 +237,16 @@ def _shown(value: Any) -> str:
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value)
     return repr(value)
+
+
+def _list_of_plain(hint: Any) -> str:
+    """'str' for list[str] (likewise int, float, bool), '' for any other hint. OmegaConf lets a
+    mapping or list stand as an item of such a list; the checks after it cannot take one."""
+    if typing.get_origin(hint) is list:
+        (arg,) = typing.get_args(hint)
+        if arg in (str, int, float, bool):
+            return arg.__name__
+    return ""
 
 
 def _list_item_dataclass(hint: Any) -> type | None:

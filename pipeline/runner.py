@@ -134,7 +134,7 @@ def _open_runs(make_tracker, graph: dict[str, StageNode], todo: list[str]):
     """The MLflow runs of the stages to run, and their specs (written into their output dirs)."""
     tracker: Tracker = make_tracker()
     print(f"MLflow: {tracker.uri}  (mlflow ui --backend-store-uri {tracker.uri})", flush=True)
-    tracker.sync(graph)  # what an earlier outage kept back (no stage job is running now)
+    tracker.sync(graph)  # what an earlier outage kept back
     specs = {}
     for name in todo:
         node = graph[name]

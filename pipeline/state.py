@@ -39,13 +39,13 @@ def stage_state(output_dir: Path) -> StageState:
     run_id = read_run_id(output_dir)
     if (output_dir / MANIFEST).exists():
         return StageState("done", run_id=run_id)
-    job = live_job(output_dir)
-    if job:  # also a job whose driver was killed: it runs on, and will finish or fail by itself
-        return StageState("running", f"job pid {job}", run_id)
-    if (output_dir / slurm.JOB_FILE).exists():
+    if (output_dir / slurm.JOB_FILE).exists():  # first: its workers may run on this host too
         queued = slurm.live_job(output_dir)
         if queued:  # queued, running or requeued, with or without a driver watching it
             return StageState("running", queued.describe(), run_id)
+    job = live_job(output_dir)
+    if job:  # also a job whose driver was killed: it runs on, and will finish or fail by itself
+        return StageState("running", f"job pid {job}", run_id)
     status = _read(output_dir / STATUS)
     if not status:
         return StageState("pending", run_id=run_id)

@@ -179,10 +179,12 @@ class Tracker:
         (self.workdir / UNSYNCED).write_text(status)  # the parent run's end, for sync to set
 
     # --- catching up after an outage -------------------------------------------------------------
-    def sync(self, graph: dict[str, StageNode], skip: set[str] = frozenset()) -> bool:
-        """Send what an outage kept from MLflow, for every stage of `graph` not in `skip` (stages
-        that are running). False when the server still cannot be reached."""
-        behind = [n for name, n in graph.items() if name not in skip and unsynced(n.output_dir)]
+    def sync(self, graph: dict[str, StageNode]) -> bool:
+        """Send what an outage kept from MLflow, for every stage of `graph` whose job is not
+        running (a running job sends its own lines; e.g. a Slurm job a driver re-attaches to).
+        False when the server still cannot be reached."""
+        behind = [n for n in graph.values() if unsynced(n.output_dir)
+                  and stage_state(n.output_dir).state != "running"]
         if not behind and not (self.workdir / UNSYNCED).exists():
             return True
         print(f"[tracking] sending MLflow what an outage kept back: {len(behind)} stage(s)",
