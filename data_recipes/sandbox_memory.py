@@ -98,10 +98,6 @@ class RunCgroup:
                 return True
         return False
 
-    def peak_mb(self) -> float:
-        name = "memory.peak" if self.mode == "v2" else "memory.max_usage_in_bytes"
-        return int(_read(self.path / name) or 0) / (1 << 20) if self.path else 0.0
-
     def remove(self) -> None:
         """Called once every process of the run is gone (an empty cgroup can be removed)."""
         if self.path is not None:

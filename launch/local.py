@@ -125,12 +125,14 @@ def stop_job(out: Path, sig: int = signal.SIGTERM) -> int | None:
     The workers are signalled directly, not torchrun: torchrun would forward the signal but
     SIGKILL its workers 30 s later, which can cut a large checkpoint short.
     """
+    import psutil
+
     procs = job_processes(out)
     workers = [p for p in procs if p.pid != _torchrun_pid(out)] or procs
     for proc in workers:
         try:
             proc.send_signal(sig)
-        except Exception:  # psutil.Error: gone meanwhile
+        except psutil.Error:  # gone meanwhile
             pass
     return procs[0].pid if procs else None
 
