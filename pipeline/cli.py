@@ -1,7 +1,7 @@
 """The `pipeline` command.
 
     pipeline run    RECIPE [key=value ...] [--ray-address ADDR]   run what is not done yet
-                    [--dry-run] [--cancel-on-interrupt]
+                    [--only STAGE[,STAGE]] [--until STAGE] [--dry-run] [--cancel-on-interrupt]
     pipeline plan   RECIPE [key=value ...]                        DAG, budgets, cost; runs nothing
     pipeline status RECIPE [key=value ...]                        each stage's state and run id
     pipeline sync   RECIPE [key=value ...]                        send MLflow what an outage kept
@@ -10,6 +10,8 @@
     pipeline export RECIPE STAGE [key=value ...] [--out DIR] [--dtype D]   a finished stage as
                                                                   a Hugging Face model directory
 
+`--only a,b` runs stages a and b and whatever they need; `--until s` runs every stage up to and
+including s in graph order; `pipeline status` shows the stages left out as pending.
 `--dry-run` prints how every stage would start (Slurm stages: the sbatch script, also written to
 the stage's output dir) and submits nothing. On Ctrl-C, Slurm stage jobs keep running (a rerun
 re-attaches to them) unless `--cancel-on-interrupt` is given.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.graph import build_graph
+from pipeline.graph import build_graph, select_stages
 from pipeline.recipe import RecipeError
 from pipeline.validate import load_recipe
 
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
         if name == "run":
             p.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+            p.add_argument("--only", type=lambda v: [s for s in v.split(",") if s],
+                           help="run only these stages (comma-separated) and what they need")
+            p.add_argument("--until", help="run the stages up to and including this one")
             p.add_argument("--dry-run", action="store_true",
                            help="print each stage's launch (sbatch script or command); run nothing")
             p.add_argument("--cancel-on-interrupt", action="store_true",
@@ -63,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         graph = build_graph(recipe)
+        if args.command == "run" and (args.only or args.until):
+            graph = select_stages(graph, args.only, args.until)
     except RecipeError as e:
         for key, msg in e.problems:
             print(f"error: {key}: {msg}" if key else f"error: {msg}", file=sys.stderr)
@@ -99,7 +106,9 @@ def _run(recipe, graph, args) -> int:
     from pipeline.state import LockedError
     from pipeline.tracking import Tracker
 
-    print(f"pipeline {recipe.name!r}: {len(graph)} stages, workdir {recipe.workdir}", flush=True)
+    chosen = " selected by --only/--until" if args.only or args.until else ""
+    print(f"pipeline {recipe.name!r}: {len(graph)} stages{chosen}, workdir {recipe.workdir}",
+          flush=True)
     if args.dry_run:
         from pipeline.runner import dry_run
 

@@ -130,3 +130,30 @@ def make_spec(node: StageNode, graph: dict[str, StageNode], tracking_uri: str = 
         model=node.model, sources=node.sources, tracking_uri=tracking_uri, run_id=run_id,
         hash=node.hash)
 
+
+
+def select_stages(graph: dict[str, StageNode], only: list[str] | None = None,
+                  until: str | None = None) -> dict[str, StageNode]:
+    """The part of the graph a run asks for, in graph order.
+
+    `only`: those stages and every stage they need (transitively). `until`: every stage up to and
+    including it in graph order (its upstreams among them). Both: the stages in both selections.
+    Unknown names raise RecipeError naming the flag."""
+    unknown = [n for n in (only or []) + ([until] if until else []) if n not in graph]
+    if unknown:
+        flag = "--until" if until in unknown else "--only"
+        raise RecipeError([(flag, f"no stage named {unknown[0]!r}; stages: {', '.join(graph)}")])
+    keep = set(graph)
+    if only:
+        needed: set[str] = set()
+        todo = list(only)
+        while todo:
+            name = todo.pop()
+            if name not in needed:
+                needed.add(name)
+                todo.extend(graph[name].deps)
+        keep &= needed
+    if until:
+        names = list(graph)
+        keep &= set(names[:names.index(until) + 1])
+    return {name: node for name, node in graph.items() if name in keep}

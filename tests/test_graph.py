@@ -70,3 +70,24 @@ def test_edges_hash_by_upstream_content_not_name(write_recipe):
     ga, gb = build_graph(load_recipe(a)), build_graph(load_recipe(b))
     assert ga["second"].hash == gb["second"].hash
 
+
+
+def test_only_and_until_select_stages_with_what_they_need():
+    import pytest
+
+    from pipeline.graph import select_stages
+    from pipeline.recipe import RecipeError
+
+    graph = build_graph(load_recipe(TINY))
+    only = select_stages(graph, only=["eval_sft"])
+    assert list(only) == ["tokenizer", "prepare", "pretrain", "sft_data", "sft", "eval_sft"]
+    assert list(select_stages(graph, until="sft")) == ["tokenizer", "prepare", "pretrain",
+                                                       "eval_base", "sft_data", "sft"]
+    # both: the stages in both selections (eval_teacher needs the student's sft_data, not its
+    # sft); the selection keeps graph order
+    assert list(select_stages(graph, only=["eval_teacher", "eval_base"], until="sft")) == [
+        "tokenizer", "prepare", "pretrain", "eval_base", "sft_data"]
+    with pytest.raises(RecipeError, match="--only: no stage named 'sfty'"):
+        select_stages(graph, only=["sfty"])
+    with pytest.raises(RecipeError, match="--until: no stage named 'nope'"):
+        select_stages(graph, until="nope")

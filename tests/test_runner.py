@@ -203,3 +203,19 @@ def test_jobs_orphaned_by_a_killed_driver_are_seen_and_never_doubled(write_recip
         os.killpg(pid, signal.SIGKILL)
     time.sleep(1)
     assert stage_state(d).state in ("failed", "interrupted")  # both gone: a rerun may resume it
+
+
+def test_only_runs_the_stages_asked_for_and_what_they_need(write_recipe, tmp_path, capsys):
+    workdir = tmp_path / "wd"
+    recipe = write_recipe(DAG.format(workdir=workdir))
+    assert main(["run", str(recipe), "--only", "b"]) == 0
+    out = capsys.readouterr().out
+    assert "2 stages selected by --only/--until" in out and "all 2 stages finished" in out
+    assert set(stage_dirs(workdir)) == {"a", "b"}  # nothing else was even prepared
+    assert main(["status", str(recipe)]) == 0
+    states = {line.split()[0]: line.split()[2]
+              for line in capsys.readouterr().out.splitlines()[1:] if not line.startswith(" ")}
+    assert states == {"a": "done", "b": "done", "broken": "pending", "after_broken": "pending",
+                      "joined": "pending", "side": "pending"}
+    assert main(["run", str(recipe), "--until", "nope"]) == 2
+    assert "error: --until: no stage named 'nope'" in capsys.readouterr().err
