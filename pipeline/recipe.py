@@ -83,6 +83,7 @@ def read_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     raw = _read_yaml(path)
     for item in overrides or []:
         _apply_override(raw, item)
+    _resolve(raw)
     recipe = conform(raw)
     _absolute_paths(recipe, Path.cwd())
     return recipe
@@ -97,7 +98,13 @@ def _absolute_paths(recipe: Recipe, base: Path) -> None:
             source.paths = [str((base / os.path.expanduser(p)).resolve()) for p in source.paths]
 
 
-def _read_yaml(path: str | os.PathLike) -> DictConfig:
+def _read_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """The recipe file as OmegaConf, with its `base:` chain merged under it.
+
+    `base: other.yaml` (relative to this file) makes this file a set of overrides of that recipe:
+    mappings merge key by key, lists and scalars replace, and a mapping with another `kind:` (a
+    source that becomes a local file) replaces the base's mapping whole. Interpolations (`${oc.env:VAR}`) are
+    resolved later, against the merged recipe."""
     if not Path(path).is_file():
         raise RecipeError([("", f"recipe file {path} does not exist")])
     try:
@@ -106,7 +113,71 @@ def _read_yaml(path: str | os.PathLike) -> DictConfig:
         raise RecipeError([("", f"{path}: not valid YAML: {' '.join(str(e).split())}")]) from None
     if not isinstance(raw, DictConfig):
         raise RecipeError([("", f"{path}: a recipe is a mapping of keys, got a list")])
-    return raw
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise RecipeError([("base", f"must be the path of a recipe file, got {_shown(base)}")])
+    base_path = (Path(path).parent / base).resolve()
+    if base_path in seen + (Path(path).resolve(),):
+        raise RecipeError([("base", f"{base} is already in this recipe's base chain (a cycle)")])
+    if not base_path.is_file():
+        raise RecipeError([("base", f"base recipe {base_path} does not exist")])
+    base_raw = _read_yaml(base_path, seen + (Path(path).resolve(),))
+    _drop_replaced(base_raw, raw)
+    try:
+        return OmegaConf.merge(base_raw, raw)
+    except OmegaConfBaseException as e:
+        raise RecipeError([(_key_of(e), f"cannot override the base recipe: {_reason(e)}")]) from None
+
+
+def _drop_replaced(base: DictConfig, child: DictConfig) -> None:
+    """Delete from `base` what `child` replaces rather than overrides: a mapping whose `kind`
+    differs, or a value whose shape (mapping or not) differs."""
+    for key in child.keys():
+        if key not in base:
+            continue
+        old, new = base._get_node(key), child._get_node(key)
+        if isinstance(old, DictConfig) != isinstance(new, DictConfig):
+            del base[key]
+        elif isinstance(new, DictConfig):
+            if "kind" in new and new.get("kind") != old.get("kind"):
+                del base[key]
+            else:
+                _drop_replaced(old, new)
+
+
+def _resolve(raw: DictConfig) -> None:
+    """Resolve every interpolation in place, reporting each that fails by its key: a recipe says
+    `url: ${oc.env:TEACHER_URL}` where the user must supply a value."""
+    problems: list[tuple[str, str]] = []
+
+    def walk(node: DictConfig | ListConfig, path: str) -> None:
+        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+        for key in keys:
+            key_path = f"{path}[{key}]" if isinstance(node, ListConfig) else _join(path, str(key))
+            if OmegaConf.is_interpolation(node, key):
+                try:
+                    node[key]
+                except OmegaConfBaseException as e:
+                    problems.append((key_path, _interpolation_reason(e)))
+                continue
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                walk(child, key_path)
+
+    walk(raw, "")
+    if problems:
+        raise RecipeError(problems)
+    OmegaConf.resolve(raw)
+
+
+def _interpolation_reason(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0]
+    if "Environment variable '" in msg:
+        var = msg.split("Environment variable '", 1)[1].split("'", 1)[0]
+        return f"environment variable {var} is not set (export {var}=...)"
+    return f"cannot resolve: {msg}"
 
 
 def _apply_override(raw: DictConfig, item: str) -> None:

@@ -144,3 +144,47 @@ def test_sft_and_eval_references_must_point_at_the_right_kinds():
                                  "or distill or rl or import stage",
         "stages.sft_data.engine": "'prepare' is a prepare stage; expected a pretrain or sft or "
                                   "distill or rl or import stage"}
+
+
+def test_a_recipe_extends_its_base_recipe(write_recipe, tmp_path, capsys):
+    from pipeline.graph import build_graph
+
+    child = write_recipe(f"""
+        base: {TINY}
+        name: tiny_child
+        workdir: {tmp_path}/wd
+        stages:
+          pretrain: {{seed: 7}}
+    """)
+    base, derived = load_recipe(TINY), load_recipe(child)
+    assert derived.name == "tiny_child" and derived.stages["pretrain"].seed == 7
+    # everything not overridden is the base's: same stages, kinds and other settings
+    assert derived.stages["pretrain"].phases == base.stages["pretrain"].phases
+    assert list(build_graph(derived)) == list(build_graph(base))
+
+    missing = write_recipe("base: nope.yaml\nname: x\n", "missing.yaml")
+    assert main(["plan", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: base: base recipe {tmp_path}/nope.yaml does not exist"
+    loop = write_recipe("base: loop.yaml\nname: x\n", "loop.yaml")
+    assert main(["plan", str(loop)]) == 2
+    assert "a cycle" in capsys.readouterr().err
+
+
+def test_an_unset_environment_variable_is_a_one_line_error_naming_its_key(write_recipe, tmp_path,
+                                                                        capsys, monkeypatch):
+    recipe = write_recipe(f"""
+        base: {TINY}
+        workdir: {tmp_path}/wd
+        sources:
+          prose: {{kind: text, paths: ["${{oc.env:PIPELINE_TEST_CORPUS}}"]}}
+    """)
+    monkeypatch.delenv("PIPELINE_TEST_CORPUS", raising=False)
+    assert main(["run", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: sources.prose.paths[0]: environment variable "
+                                               "PIPELINE_TEST_CORPUS is not set "
+                                               "(export PIPELINE_TEST_CORPUS=...)")
+    assert not (tmp_path / "wd").exists()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some prose\n")
+    monkeypatch.setenv("PIPELINE_TEST_CORPUS", str(corpus))
+    assert load_recipe(recipe).sources["prose"].paths == [str(corpus)]
