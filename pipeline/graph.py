@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from pipeline.recipe import Recipe, RecipeError
 from launch.config import LaunchConfig
 from stages.configs.model import ModelConfig
-from data_recipes.config_fields import ref_fields, unhashed_fields
+from data_recipes.config_fields import hash_view, ref_fields, unhashed_fields
 from stages.contract import StageSpec
 
 HASH_LEN = 8
@@ -62,7 +62,9 @@ def _override(base: Any, overrides: dict[str, Any] | None) -> Any:
 
 
 def stage_refs(cfg: Any) -> dict[str, str]:
-    return {f: getattr(cfg, f) for f in ref_fields(type(cfg)) if getattr(cfg, f) is not None}
+    """Reference field -> the stage it names. A field that holds something else (distill's
+    teacher behind an HTTP server) is no edge: it is hashed as its content."""
+    return {f: getattr(cfg, f) for f in ref_fields(type(cfg)) if isinstance(getattr(cfg, f), str)}
 
 
 def topo_order(deps: dict[str, list[str]]) -> list[str]:
@@ -111,12 +113,13 @@ def build_graph(recipe: Recipe) -> dict[str, StageNode]:
 
 
 def stage_hash(node: StageNode, upstream: dict[str, str]) -> str:
-    config = dataclasses.asdict(node.config)
+    config = hash_view(node.config)  # added options left at their defaults stay out
     for key in unhashed_fields(type(node.config)) + ["after"]:
         config.pop(key, None)
     for key, dep in node.refs.items():
         config[key] = upstream[dep]  # an edge hashes as the upstream's content, not its name
-    blob = json.dumps({"kind": node.kind, "config": config, "model": node.model,
+    model = hash_view(ModelConfig(**node.model)) if node.model else {}  # added model fields too
+    blob = json.dumps({"kind": node.kind, "config": config, "model": model,
                        "sources": node.sources}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
