@@ -1,10 +1,14 @@
-"""Batched sampling from the engine's GPTModel with a KV cache (megatron's StaticInferenceContext).
+"""Batched sampling from the engine's GPTModel with a KV cache.
 
 One prefill over the shortest prompt of the batch, then one token per step for every sequence:
 a sequence whose prompt is longer than the shortest one is fed its own prompt tokens until its
 prompt is used up (megatron's static-batching text generator does the same). No padding mask is
 needed that way: every row is a plain causal sequence. Sampling: greedy (temperature 0) or
 temperature + top-p, from a seeded generator, so a batch is reproducible.
+
+The steps run through stages.engine.kv_decode (the model's own submodules, a compact cache sized
+to the batch's longest sequence; why, measured, in its docstring). A model that path does not
+cover (kv_decode.unsupported_reason) runs through megatron's StaticInferenceContext, as before.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set
 
     `vocab_size` is the tokenizer's: the padded embedding rows beyond it are never sampled.
     """
-    from megatron.core.inference.contexts import StaticInferenceContext
+    from stages.engine.kv_decode import KVDecoder, unsupported_reason
 
     gpt = unwrap(model)
     was_training = gpt.training
@@ -66,24 +70,19 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set
         tokens[i, :len(p)] = torch.tensor(p)
     tokens = tokens.to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    ctx = StaticInferenceContext(b, total)
+    step = (KVDecoder(gpt, b, total).step if unsupported_reason(gpt) is None
+            else _megatron_static_step(gpt, b, total))
     done = torch.zeros(b, dtype=torch.bool, device=device)
     ends = (lengths + cfg.max_new_tokens).to(device)
+    in_prompt_until = lengths.to(device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    start = int(lengths.min())
-    prev = 0
-    for pos in range(start, total):
-        chunk = tokens[:, prev:pos]
-        positions = torch.arange(prev, pos, device=device).unsqueeze(0).expand(b, -1)
-        mask = None
-        if device.type == "cpu":  # megatron's default mask is built on cuda (notes #4)
-            n = pos - prev
-            mask = torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), diagonal=1)
-        logits = gpt(chunk, positions, mask, inference_context=ctx, runtime_gather_output=True)
-        ctx.sequence_len_offset += pos - prev
-        prev = pos
-        nxt = sample_next(logits[:, -1, :vocab_size], cfg, gen)
-        in_prompt = pos < lengths.to(device)
+    prev = int(lengths.min())
+    logits = step(tokens[:, :prev])
+    for pos in range(prev, total):
+        if pos > prev:
+            logits = step(tokens[:, pos - 1:pos])
+        nxt = sample_next(logits[:, :vocab_size], cfg, gen)
+        in_prompt = pos < in_prompt_until
         nxt = torch.where(in_prompt, tokens[:, pos], nxt)
         nxt = torch.where(done, torch.zeros_like(nxt), nxt)
         tokens[:, pos] = nxt
@@ -101,6 +100,25 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set
                 break
         out.append(new[:cfg.max_new_tokens])
     return out
+
+
+def _megatron_static_step(gpt, batch: int, total: int):
+    """KVDecoder.step's contract over megatron's StaticInferenceContext."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    ctx = StaticInferenceContext(batch, total)
+
+    def step(chunk: torch.Tensor) -> torch.Tensor:
+        n, start = chunk.shape[1], ctx.sequence_len_offset
+        positions = torch.arange(start, start + n, device=chunk.device).expand(batch, -1)
+        mask = None
+        if chunk.device.type == "cpu":  # megatron's default mask is built on cuda (notes #4)
+            mask = torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), diagonal=1)
+        logits = gpt(chunk, positions, mask, inference_context=ctx, runtime_gather_output=True)
+        ctx.sequence_len_offset += n
+        return logits[:, -1]
+
+    return step
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -142,7 +160,7 @@ class EngineGenerator(Generator):
         from data_recipes.chat import encode_prompt, encode_text
 
         if self.cfg.prompt_format == "chat":
-            return encode_prompt(self.tok, chat)
+            return encode_prompt(self.tok, chat, getattr(self.cfg, "thinking", "on"))
         return encode_text(self.tok, self.cfg.completion_template.format(prompt=chat[-1].content))
 
     def complete(self, chats) -> list[str]:

@@ -1,0 +1,111 @@
+"""The generator's fast path (stages.engine.kv_decode) is the same model: its logits equal the full
+forward's at every step (prefill, a second prefill chunk, single-token steps; GQA, qk-norm, tied
+embeddings, llama3 RoPE scaling), generate() with it equals megatron's static-cache path and
+transformers' generate on the exported weights token for token, and its cache is sized to the
+longest sequence of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from stages.configs.model import ModelConfig
+
+VOCAB = 300
+# std 0.2: peaked logits, so greedy argmax is not decided by float noise between engines
+MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
+                    num_query_groups=2, seq_length=64, hidden_dropout=0.0, attention_dropout=0.0,
+                    init_method_std=0.2)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19], [20, 21, 22, 23]]
+
+
+def build(cfg: ModelConfig = MODEL, std: float | None = None):
+    from stages.engine.model import build_model
+
+    torch.manual_seed(0)
+    if std is not None:
+        cfg = dataclasses.replace(cfg, init_method_std=std)
+    model = build_model(cfg, VOCAB, cfg.seq_length).eval()
+    with torch.no_grad():  # norms start at 1: randomise them, or a swapped norm would pass
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+def full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    n = tokens.shape[1]
+    mask = torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), diagonal=1)
+    with torch.no_grad():
+        return model(tokens, torch.arange(n)[None].expand_as(tokens), mask)
+
+
+@pytest.mark.parametrize("variant", [
+    {},
+    {"qk_layernorm": True, "head_dim": 32, "tie_embeddings": True},
+    {"rope_scaling": "llama3", "rope_scaling_factor": 8.0, "num_query_groups": 4},
+])
+def test_fast_path_logits_equal_the_full_forward_at_every_step(megatron_world, variant):
+    from stages.engine.kv_decode import KVDecoder, unsupported_reason
+
+    model = build(dataclasses.replace(MODEL, **variant), std=0.05)
+    assert unsupported_reason(model) is None
+    tokens = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+    want = full_logits(model, tokens)
+    decoder = KVDecoder(model, 3, 40)
+    cuts = [0, 9, 14] + list(range(15, 41))  # prefill 9, a second chunk of 5, then one at a time
+    worst = 0.0
+    with torch.no_grad():
+        for a, b in zip(cuts, cuts[1:]):
+            got = decoder.step(tokens[:, a:b])
+            worst = max(worst, (got - want[:, b - 1]).abs().max().item())
+    print(f"{variant}: max |fast - full| logit difference {worst:.2e} "
+          f"(logits up to {want.abs().max().item():.1f})")
+    assert worst <= 1e-5
+    with pytest.raises(ValueError, match="KV cache of 40 positions is full"):
+        decoder.step(tokens[:, :1])
+
+
+def test_generate_equals_megatron_static_path_and_sizes_the_cache(megatron_world, monkeypatch):
+    from stages.engine import kv_decode
+    from stages.engine.generate import SamplingConfig, generate
+
+    model = build()
+    sizes = []
+    real = kv_decode.KVDecoder
+
+    class Recording(real):
+        def __init__(self, gpt, batch, max_len):
+            super().__init__(gpt, batch, max_len)
+            sizes.append([tuple(k.shape) for k, _ in self.cache])
+
+    monkeypatch.setattr(kv_decode, "KVDecoder", Recording)
+    greedy = SamplingConfig(max_new_tokens=12)
+    fast = generate(model, PROMPTS, greedy, set(), VOCAB)
+    # the longest prompt (7) + 12 new tokens, not the model's seq_length (64)
+    assert sizes == [[(4, 2, 19, 16)] * 2]
+    monkeypatch.setattr(kv_decode, "unsupported_reason", lambda gpt: "forced")
+    assert generate(model, PROMPTS, greedy, set(), VOCAB) == fast
+    assert len(sizes) == 1  # the forced run did not use the fast path
+    assert all(len(new) == 12 for new in fast) and len({tuple(n) for n in fast}) > 1
+
+
+def test_generate_agrees_with_transformers_on_the_exported_model(megatron_world, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from stages.engine.generate import SamplingConfig, generate
+    from stages.engine.hf.exporter import export_weights
+
+    model = build()
+    export_weights(model, MODEL, VOCAB, tmp_path, "float32",
+                   {"bos_token_id": None, "eos_token_id": 1, "pad_token_id": 0,
+                    "max_position_embeddings": MODEL.seq_length})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = generate(model, PROMPTS, SamplingConfig(max_new_tokens=16), set(), VOCAB)
+    for prompt, new in zip(PROMPTS, ours):
+        ids = torch.tensor([prompt])
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert theirs[0, len(prompt):].tolist() == new
