@@ -19,6 +19,9 @@ class LaunchConfig:
     nodes: int = 1
     gpus_per_node: int = 0
     """0 on CPU; used by `pipeline plan` for the GPU-hours estimate."""
+    gpu_memory_gb: float = 0
+    """Memory of one GPU in GB (H100/H200: 80/141, RTX 4090: 24); `pipeline plan` and validation
+    check every training stage's per-GPU memory plan against it. 0: not checked."""
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -64,6 +67,8 @@ class LaunchConfig:
         for key in ("gpus_per_node", "signal_grace_s", "max_resubmits"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be 0 or more, got {getattr(self, key)}")
+        if self.gpu_memory_gb < 0:
+            raise ValueError(f"gpu_memory_gb: must be 0 or more, got {self.gpu_memory_gb}")
         if self.poll_s <= 0:
             raise ValueError(f"poll_s: must be positive, got {self.poll_s}")
         if self.time is not None and not re.fullmatch(

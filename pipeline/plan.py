@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.graph import StageNode
+from pipeline.memory_plan import stage_memory
 from pipeline.recipe import Recipe
 from pipeline.state import stage_state
 from stages.configs.hf import read_hf_config
@@ -24,6 +25,9 @@ def render_plan(recipe: Recipe, graph: dict[str, StageNode]) -> str:
                      + (f", {launcher.gpus_per_node} GPU(s)/node" if launcher.gpus_per_node else ""))
         if isinstance(node.config, PretrainConfig):
             lines += ["    " + line for line in _pretrain(recipe, graph, node)]
+        memory = stage_memory(recipe, name)
+        if memory is not None:
+            lines += ["    " + line for line in memory.lines()]
         lines.append("")
     return "\n".join(lines)
 

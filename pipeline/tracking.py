@@ -39,6 +39,20 @@ END_STATUS = {"done": "FINISHED", "failed": "FAILED", "upstream_failed": "FAILED
               "preempted": "KILLED", "interrupted": "KILLED"}
 
 
+def code_version() -> dict[str, str]:
+    """MLflow's git tags for the pipeline's own code: the commit, and whether the checkout had
+    uncommitted changes (then the commit alone does not say what ran). {} outside a checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty.strip())).lower()}
+
+
 def tracking_uri(recipe: Recipe) -> str:
     return (recipe.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{Path(recipe.workdir) / 'mlflow.db'}")
@@ -110,7 +124,8 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=self.recipe.name,
-                                     tags={"pipeline.workdir": str(self.workdir)})
+                                     tags={"pipeline.workdir": str(self.workdir),
+                                           **code_version()})
         write_json_atomic(saved, {**known, self.uri: run.info.run_id})
         return run.info.run_id
 
@@ -129,10 +144,12 @@ class Tracker:
         run_id = read_run_id(node.output_dir)
         if run_id and self._exists(run_id):
             self.client.update_run(run_id, status="RUNNING")
+            for key, value in code_version().items():  # the code this attempt runs
+                self.client.set_tag(run_id, key, value)
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=node.name, tags={
             "mlflow.parentRunId": self.parent_id, "stage.kind": node.kind, "stage.hash": node.hash,
-            "stage.output_dir": str(node.output_dir)})
+            "stage.output_dir": str(node.output_dir), **code_version()})
         run_id = run.info.run_id
         from mlflow.entities import Param
 

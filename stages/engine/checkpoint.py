@@ -43,6 +43,14 @@ MARKER = "complete.json"
 PREFIX = "step-"
 
 
+# The distributed optimizer's states as each data-parallel rank's own shards of its buffers,
+# reshardable over the data-parallel size (a DP=2 checkpoint loads at DP=1). megatron-core 0.16.1's
+# default layout is refused by its own saver ("flattened_range is not supported"), and its
+# fully_reshardable layout does not load over torch's Adam (KeyError 'step'). The plain optimizer
+# ignores it.
+OPTIMIZER_LAYOUT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 def step_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"{PREFIX}{step:06d}"
 
@@ -178,8 +186,12 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    if getattr(getattr(model, "ddp_config", None), "overlap_param_gather", False):
+        # the updated param shards are gathered by the next forward; the checkpoint needs them now
+        model.start_param_sync(force_sync=True)
     model_sd = unwrap(model).sharded_state_dict()
-    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd),
+    state = {"model": model_sd,
+             "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_LAYOUT),
              "rng": _sharded_rng(rng_state()), "extra": extra}
     try:
         dist_checkpointing.save(state, str(tmp))
@@ -211,7 +223,8 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]
 
     model_sd = unwrap(model).sharded_state_dict()
     state = {"model": model_sd,
-             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
+             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                       metadata=OPTIMIZER_LAYOUT),
              "rng": _sharded_rng(None)}
     loaded = dist_checkpointing.load(state, str(path))
     unwrap(model).load_state_dict(loaded["model"])

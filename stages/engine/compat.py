@@ -7,7 +7,12 @@ megatron-core assumes CUDA in a handful of spots. On a CPU-only torch we:
     activation recompute (#11);
   - run the FP32 optimizer's init and the grad-norm with `device="cuda"` rewritten to cpu (#6);
   - swap `clip_grad_by_total_norm_fp32` (imported by name into two modules) for a version without
-    the `torch.cuda.FloatTensor` assert (#7).
+    the `torch.cuda.FloatTensor` assert (#7);
+  - build the distributed optimizer with cpu fp32 params reported as `torch.cuda.FloatTensor`:
+    its constructor sorts params by that type string and refuses any other (the rest of it,
+    gloo's reduce-scatter and all-gather included, runs on CPU as it is); and load its
+    checkpointed shards under no_grad (fp32 params are their own main params, views of leaves
+    that require grad, which its in-place copy refuses; bf16 params get detached fp32 copies).
 Dropout RNG (#1/#2) is handled where the seed is set (stages.engine.distributed) and the causal mask (#4)
 where the batch is built: both are inputs, not patches.
 
@@ -35,10 +40,21 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _on_cpu(fn):
+class _CpuFloatAsCuda(_CudaToCpu):
+    """_CudaToCpu, and `tensor.type()` of a cpu tensor answers its cuda type name."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = super().__torch_function__(func, types, args, kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(result, str) \
+                and not result.startswith("torch.cuda."):
+            return "torch.cuda." + result.removeprefix("torch.")
+        return result
+
+
+def _on_cpu(fn, mode=_CudaToCpu):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _CudaToCpu():
+        with mode():
             return fn(*args, **kwargs)
 
     wrapper.__cpu_patched__ = True
@@ -68,7 +84,7 @@ def apply() -> bool:
         return False
     if _applied:
         return True
-    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.tensor_parallel import random
 
     torch.cuda.current_device = lambda: torch.device("cpu")
@@ -77,6 +93,11 @@ def apply() -> bool:
     random._set_cuda_rng_state = lambda *a, **k: None
 
     optimizer.FP32Optimizer.__init__ = _on_cpu(optimizer.FP32Optimizer.__init__)
+    distrib_optimizer.DistributedOptimizer.__init__ = _on_cpu(
+        distrib_optimizer.DistributedOptimizer.__init__, _CpuFloatAsCuda)
+    load_shards = distrib_optimizer.DistributedOptimizer.load_parameter_state_from_dp_reshardable
+    distrib_optimizer.DistributedOptimizer.load_parameter_state_from_dp_reshardable = \
+        torch.no_grad()(load_shards)
     for module in (clip_grads, optimizer):
         module.get_grad_norm_fp32 = _on_cpu(module.get_grad_norm_fp32)
         module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32

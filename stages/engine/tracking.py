@@ -27,7 +27,7 @@ BATCH = 1000  # MLflow takes at most 1000 metrics per request
 
 
 class MetricLogger:
-    def __init__(self, spec: StageSpec, rank: int = 0):
+    def __init__(self, spec: StageSpec, rank: int = 0, system_metrics: bool = True):
         self.enabled = rank == 0
         self.tracked = bool(spec.run_id)  # no run id (by hand, tests, server down): local only
         self.run_id = spec.run_id
@@ -39,6 +39,7 @@ class MetricLogger:
         self.unsent_warning_shown = False
         # lines not yet in MLflow, in file order: an earlier attempt's tail first (resume)
         self._sent, self._queue = self._unsent_tail() if self.enabled and self.tracked else (0, [])
+        self._system = start_system_metrics(spec) if system_metrics and self.tracked else None
 
     def _unsent_tail(self) -> tuple[int, list[dict]]:
         lines = read_metric_lines(self.local)
@@ -48,10 +49,7 @@ class MetricLogger:
     @property
     def client(self):
         if self._client is None and self.tracked:
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            # MLflow's HTTP defaults retry for minutes; a dead server must not stall training.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+            _short_http()
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.uri)
@@ -103,6 +101,9 @@ class MetricLogger:
             self._pending({"kind": "table", "columns": str(kept), "artifact_file": artifact_file})
 
     def close(self) -> None:
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
         if self.enabled and not self.flush():
             print(f"[tracking] {len(self._queue)} metric lines were not sent to MLflow; "
                   f"they are in {self.local} and `pipeline sync` sends them",
@@ -121,6 +122,37 @@ class MetricLogger:
     def _pending(self, item: dict[str, Any]) -> None:
         with open(self.out / TRACKING_PENDING, "a") as f:
             f.write(json.dumps(item) + "\n")
+
+
+def _short_http() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's HTTP defaults retry for minutes; a dead server must not stall training.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def start_system_metrics(spec: StageSpec, interval_s: float = 10.0):
+    """MLflow's own system metrics into the stage's run (`system/...`: CPU, memory, disk, network;
+    GPU utilisation and memory when pynvml is installed), sampled by each node's first process
+    (`system/<host>/...` on a multi-node job). MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides
+    the interval. Never fails the job: without a reachable server there are no system metrics."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return None
+    nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    _short_http()  # the monitor asks the server for the run at start and at every sample
+    try:
+        import socket
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(spec.run_id, sampling_interval=interval_s,
+                                       resume_logging=True, tracking_uri=spec.tracking_uri,
+                                       node_id=socket.gethostname() if nodes > 1 else None)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - tracking must never kill training
+        print(f"[tracking] no system metrics: {e}", file=sys.stderr, flush=True)
+        return None
 
 
 def read_metric_lines(path: Path) -> list[dict]:
@@ -173,7 +205,7 @@ def sync(out: Path, run_id: str, uri: str) -> bool:
     """Send what this stage's job kept back during an outage: its unsent metric lines, then the
     artifacts and tables in tracking_pending.jsonl. True when all of it reached MLflow."""
     logger = MetricLogger(StageSpec(name=out.name, kind="", config={}, output_dir=str(out),
-                                    tracking_uri=uri, run_id=run_id))
+                                    tracking_uri=uri, run_id=run_id), system_metrics=False)
     if not logger.flush():
         return False
     pending = out / TRACKING_PENDING

@@ -29,7 +29,7 @@ from stages.configs.base import ParallelConfig, TrainingConfig
 from stages.engine import checkpoint as ckpt
 from stages.engine import distributed
 from stages.engine.model import build_model
-from stages.engine.optim import build_ddp, build_optimizer, build_scheduler
+from stages.engine.optim import build_ddp, build_optimizer, build_scheduler, check_memory_savers
 
 
 @contextmanager
@@ -88,8 +88,9 @@ def start_training(out: Path, cfg: TrainingConfig, model_cfg, vocab_size: int, s
     """Build model -> Megatron DDP -> optimizer, resume from `<out>/checkpoints` (or load `init`'s
     weights and take `fresh` as the state), then the LR scheduler at the resumed position
     (`updates_per_step` optimizer updates per stage step: RL's updates per rollout batch)."""
-    model = build_ddp(build_model(model_cfg, vocab_size, seq_length))
-    optimizer = build_optimizer(model, cfg.optimizer, schedule)
+    check_memory_savers(cfg.memory, cfg.parallel.tensor)
+    model = build_ddp(build_model(model_cfg, vocab_size, seq_length, cfg.memory), cfg.memory)
+    optimizer = build_optimizer(model, cfg.optimizer, schedule, cfg.memory)
     root = out / "checkpoints"
     state = ckpt.resume_or_start(root, model, optimizer, init, fresh)
     scheduler = build_scheduler(optimizer, schedule, cfg.optimizer.weight_decay,
