@@ -17,6 +17,7 @@ from typing import Protocol
 
 from data_recipes import arithmetic
 from data_recipes.generators import Generator, GeneratorConfig, answer_only
+from data_recipes.prompts import TASKS as CHECKERS, Task
 
 
 @dataclass
@@ -24,10 +25,12 @@ class PairFilterConfig:
     """Which sampled (positive, negative) pairs DPD trains on: the positive must clearly win."""
 
     kind: str = "verifier"
-    """verifier (the task's exact checker: 1 right, 0 wrong) | judge (a generator backend rates
-    each answer 0-10, scaled to [0, 1]; http, or the arithmetic oracle)."""
+    """verifier (a checker of data_recipes.verifiers: 1 right, 0 wrong; qa_f1 in between) |
+    judge (a generator backend rates each answer 0-10, scaled to [0, 1]; http, or the arithmetic
+    oracle)."""
     task: str = "arithmetic"
-    """verifier: the task whose checker scores answers."""
+    """verifier: the checker that scores answers (arithmetic | math | code | qa | qa_f1 |
+    qa_substring | humaneval), or `prompts`: each prompt's own (its set's `task`)."""
     judge: GeneratorConfig = field(default_factory=GeneratorConfig)
     """judge: the backend that rates answers."""
     min_margin: float = 1.0
@@ -36,8 +39,9 @@ class PairFilterConfig:
     def __post_init__(self):
         if self.kind not in ("verifier", "judge"):
             raise ValueError(f"kind: {self.kind!r} is not a pair filter; one of verifier, judge")
-        if self.kind == "verifier" and self.task != "arithmetic":
-            raise ValueError(f"task: {self.task!r} has no verifier; the verifier task is arithmetic")
+        if self.kind == "verifier" and self.task not in CHECKERS + ("prompts",):
+            raise ValueError(f"task: {self.task!r} has no verifier; one of "
+                             f"{', '.join(CHECKERS)}, prompts")
 
 
 @dataclass
@@ -70,6 +74,33 @@ class ArithmeticVerifier:
 
     def score(self, prompts: list[str], answers: list[str]) -> list[float]:
         return [float(arithmetic.check_answer(p, answer_only(a))) for p, a in zip(prompts, answers)]
+
+
+class TaskVerifier:
+    """A checker (data_recipes.verifiers.check) on the final answer, as rewards and eval use it.
+
+    `tasks` are the prompt set's: a prompt's text finds its task (answer, tests, own checker)."""
+
+    def __init__(self, tasks: list[Task], checker: str | None = None):
+        self.tasks = {t.prompt: t for t in tasks}
+        self.checker = checker
+
+    def score(self, prompts: list[str], answers: list[str]) -> list[float]:
+        from data_recipes.verifiers import check  # the sandbox stays out of config imports
+
+        return check([self.tasks[p] for p in prompts], [answer_only(a) for a in answers],
+                     checker=self.checker)
+
+
+def build_scorer(cfg: PairFilterConfig, tasks: list[Task], judge: Generator | None = None):
+    """The filter's scorer: the arithmetic checker as before, another checker, or the judge."""
+    if cfg.kind == "judge":
+        if judge is None:
+            raise ValueError("filter.judge: no judge backend was built")
+        return JudgeScorer(judge)
+    if cfg.task == "arithmetic":
+        return ArithmeticVerifier()
+    return TaskVerifier(tasks, None if cfg.task == "prompts" else cfg.task)
 
 
 class JudgeScorer:

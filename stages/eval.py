@@ -1,30 +1,35 @@
-"""The `eval` stage: a verifiable benchmark on any checkpoint, logged to MLflow.
+"""The `eval` stage: verifiable benchmarks on any checkpoint, logged to MLflow.
 
     python -m stages.eval --spec <output_dir>/spec.json
 
 Greedy exact match of the final answer, and pass@k from `samples` sampled answers per prompt
-(the unbiased estimator of Chen et al. 2021: 1 - C(n-c, k) / C(n, k)). The task's verifier
-decides correctness: arithmetic, data_recipes.arithmetic.check_answer on the `Answer: N` line;
-code, the task's public and private asserts run in the sandbox; jsonl, the math verifier
-against the file's answers (data_recipes.rewards).
+(the unbiased estimator of Chen et al. 2021: 1 - C(n-c, k) / C(n, k)). The task's checker
+(data_recipes.verifiers) decides correctness: arithmetic, data_recipes.arithmetic.check_answer
+on the `Answer: N` line; code, the task's asserts or stdin/stdout cases run in the sandbox; a
+file set, its `task` (math by default: math-verify against the file's answers).
 A chat-tuned model is prompted with the chat template; a base model with `completion_template`.
 Every prompt, answer and verdict goes to eval_samples.jsonl (an MLflow artifact).
+
+With `benchmarks` (data_recipes.benchmarks: HumanEval built in, GSM8K/MATH-style files), each
+runs with its own template, few-shot examples, sampling and checker; its metrics are logged as
+eval/<name>/<metric>, its answers go to eval_samples-<name>.jsonl, and eval_results.md/.json
+hold one row per benchmark.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-from data_recipes.arithmetic import check_answer
-from data_recipes.chat import Message, final_text
+from data_recipes import benchmarks as bench
+from data_recipes.chat import final_text
 from data_recipes.config_fields import from_dict
 from data_recipes.generators import GeneratorConfig
-from data_recipes.rewards import RewardConfig, Task, build_reward, load_tasks
+from data_recipes.prompts import Task, load_tasks
+from data_recipes.verifiers import check
 from stages.configs.eval import EvalConfig
 from stages.contract import MANIFEST, StageSpec, read_json
 from stages.engine import job
@@ -36,21 +41,15 @@ from stages.engine.tracking import MetricLogger
 from stages.engine.training import job_world
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k answers drawn from n (c of them correct) is correct."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+pass_at_k = bench.pass_at_k
 
 
 def score(tasks: list[Task], texts: list[str], prompt_format: str, kind: str = "arithmetic",
           ) -> list[bool]:
     """Exact match of each generation's final answer (passing every test, for code)."""
     finals = [final_text(t, prompt_format) for t in texts]
-    if kind == "arithmetic":
-        return [check_answer(task.prompt, f) for task, f in zip(tasks, finals)]
-    reward = build_reward(RewardConfig(kind="code" if kind == "code" else "math"))
-    return [r == 1.0 for r in reward.score(tasks, finals, 1)]
+    forced = {"arithmetic": "arithmetic", "code": "code"}.get(kind)  # else each task's own
+    return [s == 1.0 for s in check(tasks, finals, checker=forced)]
 
 
 def answered(texts: list[str], prompt_format: str, kind: str = "arithmetic") -> float:
@@ -74,11 +73,11 @@ def run(spec: StageSpec) -> dict[str, Any]:
         model_cfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["init"]) / MANIFEST),
                                      cfg.model)
         model = load_checkpoint_model(spec.inputs["init"], model_cfg, tok.vocab_size)
+        if cfg.benchmarks:
+            return run_benchmarks(spec, cfg, model, tok, t0)
         tasks, kind = load_tasks(cfg.prompts), cfg.prompts.kind
-        if kind == "jsonl" and any(t.answer is None for t in tasks):
-            raise ValueError(f"prompts.answer_field: every line of {cfg.prompts.path} needs a "
-                             f"{cfg.prompts.answer_field!r} to be scored")
-        chats = [[Message("user", t.prompt)] for t in tasks]
+        _need_answers(tasks, "prompts")
+        chats = [t.chat() for t in tasks]
         logger = MetricLogger(spec)
         # greedy, then `samples` sampled answers per prompt
         progress = Progress(len(tasks) * (1 + cfg.samples), "answers", min_interval_s=30.0)
@@ -88,6 +87,7 @@ def run(spec: StageSpec) -> dict[str, Any]:
                 kind="engine", temperature=temperature, top_p=cfg.top_p,
                 max_tokens=cfg.max_new_tokens, seed=seed, batch_size=cfg.batch_size,
                 prompt_format=cfg.prompt_format, completion_template=cfg.completion_template,
+                thinking=cfg.thinking,
                 stop=list(cfg.stop)), progress)
             return gen.complete(chats)
 
@@ -117,6 +117,66 @@ def run(spec: StageSpec) -> dict[str, Any]:
         print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in result.items()), flush=True)
         return {**result, "checkpoint_of": spec.inputs["init"], "samples_file": str(table)}
+
+
+def run_benchmarks(spec: StageSpec, cfg: EvalConfig, model, tok, t0: float) -> dict[str, Any]:
+    """Each benchmark: greedy answers, then `samples` sampled ones; its metrics, samples and row."""
+    logger = MetricLogger(spec)
+    results: dict[str, dict[str, float]] = {}
+    for b in cfg.benchmarks:
+        tasks = bench.benchmark_tasks(b)
+        _need_answers(tasks, f"benchmarks.{b.name}.prompts", b.checker)
+        chats = [bench.chat_of(b, t, cfg.prompt_format) for t in tasks]
+        samples = cfg.samples if b.samples is None else b.samples
+        progress = Progress(len(tasks) * (1 + samples), f"{b.name} answers", min_interval_s=30.0)
+
+        def answers(temperature: float, seed: int) -> tuple[list[str], list[float]]:
+            gen = EngineGenerator(model, tok, GeneratorConfig(
+                kind="engine", temperature=temperature,
+                top_p=cfg.top_p if b.top_p is None else b.top_p,
+                max_tokens=cfg.max_new_tokens if b.max_new_tokens is None else b.max_new_tokens,
+                seed=seed, batch_size=cfg.batch_size, prompt_format=cfg.prompt_format,
+                completion_template="{prompt}",  # chat_of already applied the benchmark's template
+                thinking=cfg.thinking, stop=bench.stop_of(b, cfg.stop, cfg.prompt_format)),
+                progress)
+            texts = gen.complete(chats)
+            finals = [final_text(t, cfg.prompt_format) for t in texts]
+            return texts, check(tasks, finals, checker=b.checker)
+
+        temperature = cfg.temperature if b.temperature is None else b.temperature
+        greedy, greedy_scores = answers(0.0, cfg.seed)
+        sampled = [answers(temperature, cfg.seed + 1 + j) for j in range(samples)]
+        progress.close()
+        results[b.name] = bench.summarize(greedy_scores, [s for _, s in sampled],
+                                          cfg.k if b.k is None else b.k)
+        logger.log(0, {f"eval/{b.name}/{k}": v for k, v in results[b.name].items()})
+        table = spec.out / f"eval_samples-{b.name}.jsonl"
+        with open(table, "w", encoding="utf-8") as f:
+            for i, t in enumerate(tasks):
+                f.write(json.dumps({"id": t.id, "prompt": chats[i][-1].content,
+                                    "greedy": greedy[i], "score": greedy_scores[i],
+                                    "sampled": [s[0][i] for s in sampled],
+                                    "sampled_scores": [s[1][i] for s in sampled]}) + "\n")
+        logger.artifact(table)
+        print(f"{b.name}: " + " | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in results[b.name].items()), flush=True)
+    for path in bench.write_results_table(results, spec.out):
+        logger.artifact(path)
+    columns = sorted({m for r in results.values() for m in r})  # a table wants every column
+    logger.table([{"benchmark": name, **{c: r.get(c) for c in columns}}
+                  for name, r in results.items()], "eval_results_table.json")
+    logger.close()
+    return {"benchmarks": results, "seconds": time.time() - t0,
+            "checkpoint_of": spec.inputs["init"], "results_file": str(spec.out / "eval_results.md")}
+
+
+def _need_answers(tasks: list[Task], key: str, checker: str | None = None) -> None:
+    """A set scored against reference answers must have one for every prompt (before sampling)."""
+    needs = [t for t in tasks if (checker or t.checker) in ("math", "qa", "qa_f1", "qa_substring")]
+    if any(t.answer is None for t in needs):
+        n = sum(t.answer is None for t in needs)
+        raise ValueError(f"{key}.answer_field: {n} prompts have no reference answer to be scored "
+                         "against")
 
 
 if __name__ == "__main__":

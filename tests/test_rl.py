@@ -103,8 +103,8 @@ def test_pass_rate_filter_keeps_the_prompts_between_the_bounds():
                    tasks[3].prompt: 1.0}
 
     class Scripted:  # a policy whose k-th sample of a prompt is right for the first share of k
-        def encode(self, prompt):
-            return prompt
+        def encode(self, task):
+            return task.prompt
 
         def sample(self, prompts, sampling):
             return [(p, i % 4) for i, p in enumerate(prompts)]

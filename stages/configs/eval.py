@@ -1,4 +1,4 @@
-"""The `eval` stage's config: a prompt set scored on a checkpoint, greedy and pass@k."""
+"""The `eval` stage's config: a prompt set, or a list of benchmarks, scored on a checkpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from data_recipes.chat import PromptFormat
-from data_recipes.config_fields import ref, unhashed
+from data_recipes.benchmarks import BenchmarkConfig, check_benchmarks
+from data_recipes.config_fields import added, ref, unhashed
 from data_recipes.prompts import PromptsConfig
 from stages.configs.base import StageConfig
 
@@ -21,6 +22,10 @@ class EvalConfig(StageConfig, PromptFormat):
     """The stage whose latest checkpoint is evaluated."""
     model: Optional[dict[str, Any]] = None
     prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(split="heldout", num=64))
+    """The prompt set scored when no `benchmarks` are given."""
+    benchmarks: list[BenchmarkConfig] = added(factory=list)
+    """Benchmarks run instead of `prompts`, each with its own template, few-shot examples,
+    checker and sampling (unset sampling fields take the values below); data_recipes.benchmarks."""
     completion_template: str = "Question: {prompt}\n"
     max_new_tokens: int = 96
     samples: int = 4
@@ -36,3 +41,10 @@ class EvalConfig(StageConfig, PromptFormat):
         bad = [k for k in self.k if not 1 <= k <= max(self.samples, 1)]
         if self.samples and bad:
             raise ValueError(f"k: {bad} must be between 1 and samples ({self.samples})")
+        check_benchmarks(self.benchmarks)
+        for i, b in enumerate(self.benchmarks):
+            samples = self.samples if b.samples is None else b.samples
+            bad = [k for k in (self.k if b.k is None else b.k) if not 1 <= k <= max(samples, 1)]
+            if samples and bad:
+                raise ValueError(f"benchmarks[{i}].k: {bad} must be between 1 and samples "
+                                 f"({samples})")
