@@ -1,22 +1,25 @@
-"""The `sft` stage: supervised fine-tuning on chat samples from an `sft_data` stage.
+"""The `sft` stage: supervised fine-tuning on the SFT store of `sft_tokenize` and/or `sft_data`.
 
     python -m stages.sft --spec <output_dir>/spec.json
 
 Starts from the `init` stage's latest checkpoint with that checkpoint's architecture (its manifest's
-`model`, plus this stage's `model:` overrides). Samples are rendered with the chat template
-(data_recipes.chat), the loss counts assistant tokens only, and several samples are packed into
-each sequence with attention blocked between them (data_recipes.sft_pack). The loss of a step is
-the mean over all assistant tokens of the global batch, so a long answer weighs as much per token
-as a short one and packing does not change the objective. The LR is Megatron's WSD scheduler on a
-one-phase FG-WSD schedule: linear warmup, then decay over the remaining steps. Resume: the same
-checkpoint machinery as pretraining, bitwise on CPU.
+`model`, plus this stage's `model:` overrides). The conversations were rendered with the chat
+template (data_recipes.chat) and tokenized once by the upstream stage into the SFT store (token
+ids + loss mask, data_recipes.sft_store), which this job memory-maps; `data` and `more_data`'s
+datasets are mixed by the weights of `mix`. Packing is planned from the stored lengths alone
+(data_recipes.sft_pack: a few flat arrays, 8 bytes per sample per epoch), so the job's memory does
+not grow with the dataset. The loss counts assistant tokens only; several samples are packed into
+each sequence with attention blocked between them. The loss of a step is the mean over all
+assistant tokens of the global batch, so a long answer weighs as much per token as a short one and
+packing does not change the objective. The LR is Megatron's WSD scheduler on a one-phase FG-WSD
+schedule: linear warmup, then decay over the remaining steps. Resume: the same checkpoint
+machinery as pretraining, bitwise on CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import time
 from pathlib import Path
@@ -25,13 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_recipes.chat import Message, encode_chat
-from data_recipes.prompts import split_heldout
-from data_recipes.sft_pack import Packed, attention_mask, build_sequence, pack
+from data_recipes.sft_pack import (PackPlan, Packed, attention_mask, build_sequence,
+                                   mixture_pool, plan_packing)
+from data_recipes.sft_store import SFTStore, store_from_samples
 from data_recipes.config_fields import from_dict
 from schedulers.post_training import post_training_schedule
 from stages.configs.post_training import SFTConfig
-from stages.contract import MANIFEST, StageSpec, read_json
+from stages.contract import MANIFEST, StageSpec, read_json, sha256_file
 from stages.engine import distributed, job
 from stages.engine.checkpoint import checkpoint_model, params_sha256
 from stages.engine.losses import token_losses
@@ -43,14 +46,40 @@ from stages.engine.training import (check_batch_split, job_world, optimizer_step
                                     start_training, zero_grad)
 
 
-def load_samples(data_dir: str) -> list[dict]:
-    manifest = read_json(Path(data_dir) / MANIFEST)
-    with open(manifest["data"], encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def encode_all(tokenizer, samples: list[dict]) -> list[tuple[list[int], list[int]]]:
-    return [encode_chat(tokenizer, [Message(**m) for m in s["messages"]]) for s in samples]
+def open_datasets(spec: StageSpec, cfg: SFTConfig, tok, is_rank0: bool) -> list[dict]:
+    """The SFT-store entries (name, shards, counts) of `data` then `more_data`. An sft_data stage
+    that wrote no store for this tokenizer and thinking mode has its samples encoded here, once,
+    into <out>/store/ (by rank 0; the other ranks wait for it)."""
+    tok_sha = sha256_file(tok.model_file)
+    entries = []
+    for key in ("data", "more_data"):
+        if not spec.inputs.get(key):
+            continue
+        manifest = read_json(Path(spec.inputs[key]) / MANIFEST)
+        store = manifest.get("sft_store") or {}
+        if store.get("tokenizer_sha256") == tok_sha and store.get("thinking", "on") == cfg.thinking:
+            entries += [{**e, "shards": [str(Path(spec.inputs[key]) / p) for p in e["shards"]]}
+                        for e in store["datasets"]]
+        elif "data" in manifest:  # sft_data's samples.jsonl
+            name = manifest.get("stage", key)
+            prefix = spec.out / "store" / name
+            prefix.parent.mkdir(parents=True, exist_ok=True)
+            if is_rank0:
+                store_from_samples(manifest["data"], prefix, name, tok, tok_sha, cfg.thinking)
+            distributed.barrier()
+            entries.append(store_from_samples(manifest["data"], prefix, name, tok, tok_sha,
+                                              cfg.thinking))
+        else:
+            raise ValueError(f"{key}: {spec.inputs[key]} was tokenized with another tokenizer or "
+                             f"thinking mode (it says thinking {store.get('thinking')!r}; this "
+                             f"stage: {cfg.thinking!r}); tokenize it with this stage's")
+    names = [e["name"] for e in entries]
+    for name in cfg.mix:
+        if name not in names:
+            raise ValueError(f"mix.{name}: not a dataset of data/more_data ({', '.join(names)})")
+    if len(set(names)) < len(names):
+        raise ValueError(f"data, more_data: a dataset name appears twice ({', '.join(names)})")
+    return entries
 
 
 def make_batch(encoded, packs: list[Packed], seq_length: int, pad_id: int,
@@ -82,17 +111,17 @@ def train_step(model, optimizer, encoded, packs: list[Packed], cfg: SFTConfig, s
 
 
 @torch.no_grad()
-def heldout_loss(model, encoded, cfg: SFTConfig, seq_length: int, pad_id: int, info) -> float:
+def heldout_loss(model, store, held: list[Packed], cfg: SFTConfig, seq_length: int, pad_id: int,
+                 info) -> float:
     """Mean loss over the assistant tokens of the held-out samples (shared out over DP ranks)."""
-    if not encoded:
+    if not held:
         return float("nan")
-    packs = pack([len(e[0]) for e in encoded], seq_length, packing=cfg.packing, shuffle=False)
-    mine = packs[info.dp_rank::info.dp_size]
+    mine = held[info.dp_rank::info.dp_size]
     model.eval()
     s = torch.zeros((), device=info.device)
     n = torch.zeros((), device=info.device)
     for i in range(0, len(mine), cfg.micro_batch_size):
-        batch = make_batch(encoded, mine[i:i + cfg.micro_batch_size], seq_length, pad_id,
+        batch = make_batch(store, mine[i:i + cfg.micro_batch_size], seq_length, pad_id,
                            info.device)
         s += token_losses(model, batch).sum()
         n += batch["loss_mask"].sum()
@@ -102,41 +131,53 @@ def heldout_loss(model, encoded, cfg: SFTConfig, seq_length: int, pad_id: int, i
 
 @dataclasses.dataclass
 class Data:
-    """The encoded samples, their packing into sequences over the epochs and the steps they make."""
+    """The memory-mapped store, the packing plan over the epochs (from the lengths alone) and the
+    steps it makes."""
 
     tok: Any
-    train: list[tuple[list[int], list[int]]]
-    held: list[tuple[list[int], list[int]]]
+    store: SFTStore
+    held: list[Packed]
+    plan: PackPlan
+    samples: int
+    """distinct training samples (before the mix's weights)"""
     truncated: int
-    packs: list[Packed]
     total_steps: int
     epoch_end: dict[int, int]
     """epoch -> the step after which all its sequences are trained"""
 
 
-def load_data(spec: StageSpec, cfg: SFTConfig, seq_length: int, dp_size: int) -> Data:
+def load_data(spec: StageSpec, cfg: SFTConfig, seq_length: int, dp_size: int,
+              is_rank0: bool = True) -> Data:
     tok = tokenizer_of_stage(spec.inputs["tokenizer"])
-    samples = load_samples(spec.inputs["data"])
-    train, held = split_heldout(samples, [s["id"] for s in samples], cfg.heldout_samples)
-    if not train:
-        raise ValueError(f"data: no training samples ({len(held)} held out)")
-    encoded, held_encoded = encode_all(tok, train), encode_all(tok, held)
-    truncated = sum(len(ids) > seq_length + 1 for ids, _ in encoded)
-    packs = pack([len(e[0]) for e in encoded], seq_length, epochs=cfg.epochs, seed=cfg.seed,
-                 packing=cfg.packing)
+    entries = open_datasets(spec, cfg, tok, is_rank0)
+    store = SFTStore([p for e in entries for p in e["shards"]])
+    n = len(store)
+    rng = np.random.default_rng([cfg.seed, 7])
+    held_idx = np.sort(rng.choice(n, min(cfg.heldout_samples, n), replace=False))
+    pool = mixture_pool([e["conversations"] for e in entries],
+                        [cfg.mix.get(e["name"], 1.0) for e in entries], held_idx, cfg.seed)
+    if not len(pool):
+        raise ValueError(f"data: no training samples ({len(held_idx)} held out)")
+    distinct = np.unique(pool)
+    truncated = int((store.lengths[distinct] > seq_length + 1).sum())
+    plan = plan_packing(store.lengths, seq_length, epochs=cfg.epochs, seed=cfg.seed,
+                        packing=cfg.packing, pool=pool)
+    held = list(plan_packing(store.lengths, seq_length, packing=cfg.packing, shuffle=False,
+                             pool=held_idx))
     per_step = cfg.global_batch_size
     check_batch_split(per_step, cfg.micro_batch_size, dp_size)
-    total_steps = len(packs) // per_step
+    total_steps = len(plan) // per_step
     if total_steps < 1:
-        raise ValueError(f"{len(packs)} packed sequences make less than one step of "
+        raise ValueError(f"{len(plan)} packed sequences make less than one step of "
                          f"global_batch_size {per_step}")
-    epoch_end = {}
-    for i, p in enumerate(packs[:total_steps * per_step]):
-        epoch_end[p.epoch] = i // per_step + 1
-    print(f"{len(train)} samples ({truncated} cut to {seq_length + 1} tokens), "
-          f"{len(held)} held out; {len(packs)} sequences of {seq_length} over {cfg.epochs} "
-          f"epochs -> {total_steps} steps", flush=True)
-    return Data(tok, encoded, held_encoded, truncated, packs, total_steps, epoch_end)
+    trained = plan.epochs[:total_steps * per_step]
+    epoch_end = {int(e): int(np.flatnonzero(trained == e)[-1]) // per_step + 1
+                 for e in np.unique(trained)}
+    print(f"{len(distinct)} samples in {len(entries)} dataset(s) ({truncated} cut to "
+          f"{seq_length + 1} tokens), {len(held_idx)} held out, {len(pool)} per epoch after the "
+          f"mix; {len(plan)} sequences of {seq_length} over {cfg.epochs} epochs -> "
+          f"{total_steps} steps", flush=True)
+    return Data(tok, store, held, plan, len(distinct), truncated, total_steps, epoch_end)
 
 
 def run(spec: StageSpec) -> dict[str, Any]:
@@ -153,8 +194,8 @@ def run(spec: StageSpec) -> dict[str, Any]:
         model_cfg = checkpoint_model(spec.model, read_json(Path(init) / MANIFEST) if init else {},
                                      cfg.model)
         seq_length = model_cfg.seq_length
-        d = load_data(spec, cfg, seq_length, info.dp_size)
-        pad_id, packs, per_step = d.tok.pad_id, d.packs, cfg.global_batch_size
+        d = load_data(spec, cfg, seq_length, info.dp_size, is_rank0)
+        pad_id, plan, per_step = d.tok.pad_id, d.plan, cfg.global_batch_size
         total_steps = d.total_steps
         schedule = post_training_schedule(cfg.lr, total_steps, cfg.global_batch_size, seq_length,
                                           model_cfg.rotary_base)
@@ -165,29 +206,31 @@ def run(spec: StageSpec) -> dict[str, Any]:
         model, optimizer, state = trainer.model, trainer.optimizer, trainer.state
         step = state["step"]
         if step == 0 and d.held:
-            state["heldout"]["0"] = heldout_loss(model, d.held, cfg, seq_length, pad_id, info)
+            state["heldout"]["0"] = heldout_loss(model, d.store, d.held, cfg, seq_length, pad_id,
+                                                  info)
             logger.log(0, {"heldout/loss": state["heldout"]["0"]})
 
         # --- the loop -----------------------------------------------------------------------------
         progress = Progress(total_steps, done=step, every=cfg.log_every, enabled=is_rank0)
         while step < total_steps:
-            step_packs = packs[step * per_step:(step + 1) * per_step][info.dp_rank::info.dp_size]
+            step_packs = plan.slice(step * per_step, (step + 1) * per_step)
+            step_packs = step_packs[info.dp_rank::info.dp_size]
             lr = current_lr(optimizer)
             t_step = time.time()
-            loss, grad_norm, tokens = train_step(model, optimizer, d.train, step_packs, cfg,
+            loss, grad_norm, tokens = train_step(model, optimizer, d.store, step_packs, cfg,
                                                  seq_length, pad_id, info)
             step_s = time.time() - t_step
             trainer.scheduler.step(1)
             step += 1
             state["loss"] = loss
-            epoch = packs[(step - 1) * per_step].epoch
+            epoch = int(plan.epochs[(step - 1) * per_step])
             logger.log(step - 1, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                                   "trained_tokens": tokens, "step_s": step_s, "epoch": epoch})
             progress.update(step, f"epoch {epoch} | loss {loss:.4f} | lr {lr:.3e} | "
                                   f"{step_s * 1000:.0f} ms/step")
             ended = [e for e, end in d.epoch_end.items() if end == step]
             if ended and d.held:
-                h = heldout_loss(model, d.held, cfg, seq_length, pad_id, info)
+                h = heldout_loss(model, d.store, d.held, cfg, seq_length, pad_id, info)
                 state["heldout"][str(ended[-1] + 1)] = h
                 logger.log(step - 1, {"heldout/loss": h})
                 progress.write(f"epoch {ended[-1] + 1} done: held-out loss {h:.4f}")
@@ -198,8 +241,9 @@ def run(spec: StageSpec) -> dict[str, Any]:
         progress.close()
         logger.close()
         return {"final_step": step, "final_loss": state["loss"], "heldout_loss": state["heldout"],
-                "samples": len(d.train), "heldout_samples": len(d.held), "truncated": d.truncated,
-                "sequences": len(packs), "checkpoint": str(trainer.checkpoint()),
+                "samples": d.samples, "heldout_samples": sum(len(p.samples) for p in d.held),
+                "truncated": d.truncated, "sequences": len(plan),
+                "checkpoint": str(trainer.checkpoint()),
                 "params_sha256": params_sha256(model), "model": dataclasses.asdict(model_cfg),
                 "seconds": state["seconds"]}
 

@@ -5,6 +5,8 @@
 Outputs in the stage dir:
   records/shard-NNNNN.jsonl   every finished sample with its provenance (appended as they finish)
   data.jsonl                  the accepted SFT samples ({"id", "messages"}), prompt order
+  store/<name>.*              the same in the SFT store (token ids + loss mask), when the stage
+                              has a `tokenizer` (data_recipes.sft_store)
   samples.jsonl               the table for MLflow: prompt, draft, critiques, final answer, CoT
   http_cache-<role>.jsonl     responses of http backends (a rerun never pays for them twice)
 Resume: prompts with a record are not touched again; only unfinished ones are redone.
@@ -192,7 +194,26 @@ def _run(spec: StageSpec) -> dict[str, Any]:
     print(f"accepted {summary['accepted']}, rejected {summary['rejected']} of {len(prompts)}; "
           f"per round: {stats}", flush=True)
     return {**summary, "rounds": stats, "data": str((out / "data.jsonl").resolve()),
+            **_sft_store(spec, out / "data.jsonl"),
             "samples": str((out / "samples.jsonl").resolve())}
+
+
+def _sft_store(spec: StageSpec, data: Path) -> dict[str, Any]:
+    """The accepted samples in the SFT store as well (data_recipes.sft_store), tokenized with the
+    `tokenizer` stage's tokenizer when there is one; `sft` memory-maps it (and encodes data.jsonl
+    itself for another tokenizer)."""
+    if not spec.inputs.get("tokenizer"):
+        return {}
+    from data_recipes.sft_store import store_from_samples
+    from stages.contract import sha256_file
+    from stages.engine.tokenizer import tokenizer_of_stage
+
+    tok = tokenizer_of_stage(spec.inputs["tokenizer"])
+    tok_sha = sha256_file(tok.model_file)
+    (spec.out / "store").mkdir(exist_ok=True)
+    entry = store_from_samples(data, spec.out / "store" / spec.name, spec.name, tok, tok_sha)
+    entry["shards"] = [f"store/{spec.name}"]  # relative to the stage dir, which may move
+    return {"sft_store": {"tokenizer_sha256": tok_sha, "thinking": "on", "datasets": [entry]}}
 
 
 def _critiques(round_: dict) -> list[str]:

@@ -8,7 +8,7 @@ small module per stage family; `base` holds the fields they share.
 from __future__ import annotations
 
 from stages.configs.base import NoopConfig
-from stages.configs.data import PrepareConfig, SFTDataConfig, TokenizerConfig
+from stages.configs.data import PrepareConfig, SFTDataConfig, SFTTokenizeConfig, TokenizerConfig
 from stages.configs.eval import EvalConfig
 from stages.configs.hf import ExportConfig, ImportConfig
 from stages.configs.post_training import DistillConfig, SFTConfig
@@ -21,6 +21,7 @@ STAGE_KINDS: dict[str, type] = {
     "prepare": PrepareConfig,
     "pretrain": PretrainConfig,
     "sft_data": SFTDataConfig,
+    "sft_tokenize": SFTTokenizeConfig,
     "sft": SFTConfig,
     "eval": EvalConfig,
     "distill": DistillConfig,

@@ -1,4 +1,5 @@
-"""Configs of the data stages: tokenizer, prepare (tokenized shards) and sft_data (refinement)."""
+"""Configs of the data stages: tokenizer, prepare (tokenized shards), sft_data (refinement) and
+sft_tokenize (conversation datasets -> the SFT store)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from data_recipes.chat import SPECIAL_TOKENS as CHAT_SPECIAL_TOKENS
+from data_recipes.chat import check_thinking
 from data_recipes.config_fields import ref, unhashed
+from data_recipes.conversations import ConversationsConfig
 from data_recipes.generators import GeneratorConfig
 from data_recipes.prompts import PromptsConfig
 from stages.configs.base import StageConfig
@@ -38,6 +41,35 @@ class PrepareConfig(StageConfig):
     sources: list[str] = field(default_factory=list)
     docs_per_task: int = unhashed(512)
     """Documents per Ray tokenization task (throughput knob, not an output knob)."""
+
+
+@dataclass(kw_only=True)
+class SFTTokenizeConfig(StageConfig):
+    """Conversation datasets (messages / ShareGPT / Alpaca / prompt-response) rendered with the chat
+    template and tokenized once, Ray-parallel, into the SFT store (token ids + loss mask) that
+    `sft` memory-maps. Their mix is `sft.mix`, so a new weight never retokenizes."""
+
+    kind: str = "sft_tokenize"
+    tokenizer: str = ref()
+    datasets: list[ConversationsConfig] = field(default_factory=list)
+    records_per_shard: int = unhashed(100_000)
+    """Records per store shard, the unit of resumption (a rerun skips finished shards)."""
+    records_per_task: int = unhashed(512)
+    """Records per Ray tokenization task (throughput knob)."""
+    thinking: str = "on"
+    """on: assistant turns keep their thinking block | off: Qwen3's empty think block, answers
+    only (data_recipes.chat); an sft stage reading this store must say the same."""
+
+    def __post_init__(self):
+        check_thinking(self.thinking)
+        seen = set()  # (an empty list is reported by validation: the loader sets items later)
+        for i, d in enumerate(self.datasets):
+            if d.name in seen:
+                raise ValueError(f"datasets[{i}].name: {d.name!r} is used twice")
+            seen.add(d.name)
+        for key in ("records_per_shard", "records_per_task"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: {getattr(self, key)}, must be at least 1")
 
 
 @dataclass(kw_only=True)
