@@ -10,6 +10,9 @@
    computed once and saved (`reference_logps.json`): no third model is held during training.
    With `loss.teacher_topk` > 0 the teacher's top-k logits of every response token are saved too
    (`teacher_topk_{values,indices}.npy`) and the teacher is freed.
+   The teacher is a checkpoint held in the job or a server (`teacher: {kind: http, url, model,
+   top_k}`: it samples the positives and returns its top-k log-probs of every row, which are
+   cached the same way): stages.engine.teachers.
 3. Training (stages.engine.losses): per step, w_dpo * DPO(positive, negative) + w_pos * KD on the
    positive's tokens + w_neg * KD on the negative's tokens, each term a mean over the global batch
    (pairs, positive tokens, negative tokens). Held-out pairs: teacher-student KL on their tokens and
@@ -34,41 +37,26 @@ import numpy as np
 import torch
 
 from data_recipes.backends import build_generator
-from data_recipes.chat import Message
 from data_recipes.config_fields import from_dict
-from data_recipes.generators import GeneratorConfig
-from data_recipes.pairs import ArithmeticVerifier, JudgeScorer, Pair, make_pairs
-from data_recipes.prompts import load_prompts, split_heldout
-from data_recipes.tokenizer_loading import tokenizer_mismatch
+from data_recipes.pairs import Pair, build_scorer, make_pairs
+from data_recipes.prompts import load_prompts, load_tasks, split_heldout
 from schedulers.post_training import post_training_schedule
 from stages.configs.post_training import DistillConfig
 from stages.contract import (MANIFEST, StageSpec, read_json, write_json_atomic,
                              write_jsonl_atomic)
 from stages.engine import distributed, job
 from stages.engine.checkpoint import checkpoint_model, params_sha256
-from stages.engine.generate import EngineGenerator, load_checkpoint_model
+from stages.engine.generate import load_checkpoint_model
 from stages.engine.losses import dpo_loss, logits_of, sequence_logps, token_logps
 from stages.engine.optim import current_lr
-from stages.engine.pair_batches import (TeacherLogits, encode_pair, make_batch, read_teacher_topk,
-                                        reference_logps, write_teacher_topk)
+from stages.engine.pair_batches import TeacherLogits, encode_pair, make_batch, reference_logps
 from stages.engine.progress import Progress
-from stages.engine.tokenizer import tokenizer_of_stage
+from stages.engine.teachers import build_teacher, checked_tokenizer, sample_answers
 from stages.engine.tracking import MetricLogger
 from stages.engine.training import (check_batch_split, job_world, optimizer_step,
                                     start_training, zero_grad)
 
 # --- 1. pairs ------------------------------------------------------------------------------------
-
-
-def sample_answers(model, tok, cfg: DistillConfig, prompts: list[str], n: int, seed: int) -> list[list[str]]:
-    """n sampled chat answers per prompt (sample j uses seed + j, so a rerun samples the same)."""
-    per_seed = []
-    for j in range(n):
-        gen = EngineGenerator(model, tok, GeneratorConfig(
-            kind="engine", temperature=cfg.temperature, top_p=cfg.top_p,
-            max_tokens=cfg.max_new_tokens, seed=seed + j, batch_size=cfg.sample_batch_size))
-        per_seed.append(gen.complete([[Message("user", p)] for p in prompts]))
-    return [[answers[i] for answers in per_seed] for i in range(len(prompts))]
 
 
 def build_pairs(spec: StageSpec, cfg: DistillConfig, tok, student, teacher, info) -> list[Pair]:
@@ -79,8 +67,10 @@ def build_pairs(spec: StageSpec, cfg: DistillConfig, tok, student, teacher, info
     if not prompts:
         raise ValueError("prompts: the prompt set is empty")
     shards = [prompts[i:i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
-    scorer = (ArithmeticVerifier() if cfg.filter.kind == "verifier" else
-              JudgeScorer(build_generator(cfg.filter.judge, spec.out / "http_cache-judge.jsonl")))
+    judge = (build_generator(cfg.filter.judge, spec.out / "http_cache-judge.jsonl")
+             if cfg.filter.kind == "judge" else None)
+    scorer = build_scorer(cfg.filter, load_tasks(cfg.prompts) if cfg.filter.kind == "verifier"
+                          else [], judge)
     todo = [i for i in range(len(shards)) if not (records / f"shard-{i:05d}.jsonl").exists()]
     if info.rank == 0:
         print(f"{len(prompts)} prompts in {len(shards)} shards, {len(todo)} to sample "
@@ -92,7 +82,7 @@ def build_pairs(spec: StageSpec, cfg: DistillConfig, tok, student, teacher, info
         shard = shards[i]
         texts = [p.text for p in shard]
         seed = cfg.seed + 1000 * i
-        t_answers = sample_answers(teacher, tok, cfg, texts, cfg.teacher_samples, seed)
+        t_answers = teacher.sample(tok, cfg, texts, cfg.teacher_samples, seed)
         s_answers = sample_answers(student, tok, cfg, texts, cfg.student_samples, seed + 500)
         pairs = make_pairs([p.id for p in shard], texts, t_answers, s_answers, scorer,
                            cfg.filter.min_margin)
@@ -209,33 +199,18 @@ def data_order(n_train: int, cfg: DistillConfig) -> tuple[list[int], list[int]]:
     return order, epochs
 
 
-def checked_tokenizer(spec: StageSpec):
-    """The student's tokenizer, checked against the teacher's before any work: a mismatch makes
-    the KD meaningless."""
-    tok = tokenizer_of_stage(spec.inputs["tokenizer"])
-    if spec.inputs.get("teacher_tokenizer"):
-        why = tokenizer_mismatch(tok, tokenizer_of_stage(spec.inputs["teacher_tokenizer"]))
-        if why:
-            raise ValueError(f"teacher_tokenizer: the teacher's tokenizer is not the student's: "
-                             f"{why}; distillation compares token distributions, so both must "
-                             "use one tokenizer")
-    return tok
-
-
-def frozen_models(spec: StageSpec, cfg: DistillConfig, vocab: int, is_rank0: bool):
-    """(student config, teacher config, the frozen teacher, the initial student)."""
+def frozen_models(spec: StageSpec, cfg: DistillConfig, tok, is_rank0: bool):
+    """(student config, the teacher (stages.engine.teachers), the frozen initial student). A served
+    teacher is checked first, before anything is loaded."""
+    vocab = tok.vocab_size
     student_cfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["student"]) / MANIFEST),
                                    cfg.model)
-    teacher_cfg = checkpoint_model(spec.model, read_json(Path(spec.inputs["teacher"]) / MANIFEST),
-                                   cfg.teacher_model)
-    teacher = load_checkpoint_model(spec.inputs["teacher"], teacher_cfg, vocab)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = build_teacher(spec, cfg, tok, vocab, student_cfg.seq_length)
     initial = load_checkpoint_model(spec.inputs["student"], student_cfg, vocab)
     if is_rank0:
-        print(f"student {student_cfg.num_layers}x{student_cfg.hidden_size}, teacher "
-              f"{teacher_cfg.num_layers}x{teacher_cfg.hidden_size}", flush=True)
-    return student_cfg, teacher_cfg, teacher, initial
+        print(f"student {student_cfg.num_layers}x{student_cfg.hidden_size}, {teacher.summary}",
+              flush=True)
+    return student_cfg, teacher, initial
 
 
 def load_pairs(spec: StageSpec, cfg: DistillConfig, tok, initial, teacher, info, logger):
@@ -277,19 +252,6 @@ def reference_once(out, cfg: DistillConfig, initial, encoded, pad_id: int, vocab
     return json.loads(refs_file.read_text())
 
 
-def teacher_view_of(out, cfg: DistillConfig, teacher, encoded, pad_id: int, vocab: int,
-                    seq_length: int, info) -> TeacherLogits:
-    """The teacher online, or (loss.teacher_topk > 0) its top-k cached once on disk, after which
-    the caller may free the teacher."""
-    if not cfg.loss.teacher_topk:
-        return TeacherLogits(teacher=teacher)
-    if read_teacher_topk(out) is None and info.rank == 0:
-        write_teacher_topk(teacher, encoded, pad_id, vocab, cfg.loss.teacher_topk, seq_length,
-                           cfg.micro_batch_size, info.device, out)
-    distributed.barrier()
-    return TeacherLogits(topk=read_teacher_topk(out))
-
-
 def run(spec: StageSpec) -> dict[str, Any]:
     cfg = from_dict(DistillConfig, spec.config)
     with job_world(cfg.parallel, cfg.seed, "distill") as info:
@@ -298,7 +260,7 @@ def run(spec: StageSpec) -> dict[str, Any]:
         tok = checked_tokenizer(spec)
         vocab, pad_id = tok.vocab_size, tok.pad_id
         logger = MetricLogger(spec, info.rank)
-        student_cfg, teacher_cfg, teacher, initial = frozen_models(spec, cfg, vocab, is_rank0)
+        student_cfg, teacher, initial = frozen_models(spec, cfg, tok, is_rank0)
         seq_length = student_cfg.seq_length
         pairs, train, held, pair_stats = load_pairs(spec, cfg, tok, initial, teacher, info, logger)
         per_step = cfg.global_batch_size
@@ -313,8 +275,8 @@ def run(spec: StageSpec) -> dict[str, Any]:
         held_idx = list(range(len(train), len(train) + len(held)))
         args = (encoded, reference_once(out, cfg, initial, encoded, pad_id, vocab, info))
         del initial
-        teacher_view = teacher_view_of(out, cfg, teacher, encoded, pad_id, vocab, seq_length, info)
-        del teacher  # with a cached top-k nothing holds it any more: freed
+        teacher_view = teacher.view(out, cfg, encoded, pad_id, vocab, seq_length, info)
+        teacher.free()  # with a cached top-k nothing holds it any more
         schedule = post_training_schedule(cfg.lr, total_steps, cfg.global_batch_size, seq_length,
                                           student_cfg.rotary_base)
         trainer = start_training(out, cfg, student_cfg, vocab, seq_length, schedule,
@@ -368,7 +330,7 @@ def run(spec: StageSpec) -> dict[str, Any]:
                 "pairs": str((out / "pairs.jsonl").resolve()),
                 "checkpoint": str(trainer.checkpoint()),
                 "params_sha256": params_sha256(model), "model": dataclasses.asdict(student_cfg),
-                "teacher_model": dataclasses.asdict(teacher_cfg), "seconds": state["seconds"]}
+                "teacher_model": teacher.description, "seconds": state["seconds"]}
 
 
 if __name__ == "__main__":

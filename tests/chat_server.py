@@ -5,6 +5,14 @@ It speaks the real protocol over real HTTP (POST /v1/chat/completions, JSON in a
 Failure injection: `fail_next` answers that many requests with HTTP 500, `stall_next` sleeps past
 the client's timeout on that many, `always_fail` answers every request with 500.
 Every request it receives is recorded in `requests` (role and user text).
+
+With `checkpoint=CheckpointBackend(model, tokenizer)` it serves a pipeline checkpoint the way vLLM
+serves a model (vllm/entrypoints: openai/completion/protocol.py, serve/tokenize/protocol.py):
+GET /v1/models; POST /tokenize; POST /v1/completions with a text or token-id prompt, `logprobs`
+(top-k of each sampled token, keyed by token text) and `prompt_logprobs` (per prompt position
+`{"<id>": {logprob, rank, decoded_token}}`: the top k plus the prompt token itself); and chat
+completions sampled from the checkpoint with our chat template. A backend without a model serves
+only /v1/models and /tokenize (a server that speaks some tokenizer).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from data_recipes import generators as g
 from data_recipes.oracles import ArithmeticOracle
@@ -28,8 +37,96 @@ def _section(text: str, name: str) -> str:
     return text.split(f"{name}:\n", 1)[1].split("\n\n", 1)[0]
 
 
+class CheckpointBackend:
+    """vLLM's answers, computed by a pipeline checkpoint (or only its tokenizer: model None)."""
+
+    def __init__(self, model, tok, name: str = "teacher", max_model_len: int = 4096):
+        self.model, self.tok, self.name, self.max_model_len = model, tok, name, max_model_len
+        self.lock = threading.Lock()  # one forward at a time
+        self.rows_scored = 0
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.name, "object": "model"}]}
+
+    def tokenize(self, body: dict) -> dict:
+        from data_recipes.chat import encode_text
+
+        ids = encode_text(self.tok, body["prompt"])
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
+                "token_strs": [self.tok.piece(i) for i in ids] if body.get("return_token_strs")
+                else None}
+
+    def _logps(self, ids: list[int]):
+        """log-probs [len(ids), vocab] of the next token after each prefix of ids."""
+        import torch
+
+        from stages.engine.losses import logits_of
+
+        n = len(ids)
+        batch = {"tokens": torch.tensor([ids]), "position_ids": torch.arange(n).unsqueeze(0),
+                 "attention_mask": torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), 1)}
+        with torch.no_grad():
+            return torch.log_softmax(logits_of(self.model, batch, self.tok.vocab_size)[0], -1)
+
+    def _entry(self, lp, token: int, k: int) -> dict[str, dict[str, Any]]:
+        """vLLM's Logprob mapping at one position: the top k, then `token` with its rank."""
+        top = lp.topk(k)
+        out = {}
+        for rank, (v, t) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+            out[str(t)] = {"logprob": v, "rank": rank, "decoded_token": self.tok.piece(t)}
+        if str(token) not in out:
+            out[str(token)] = {"logprob": float(lp[token]), "rank": int((lp >= lp[token]).sum()),
+                               "decoded_token": self.tok.piece(token)}
+        return out
+
+    def completions(self, body: dict) -> dict:
+        from data_recipes.chat import IM_END, encode_text
+        from stages.engine.generate import SamplingConfig, generate
+
+        prompt = body["prompt"]
+        ids = list(prompt) if isinstance(prompt, list) else encode_text(self.tok, prompt)
+        sampling = SamplingConfig(temperature=body.get("temperature", 1.0),
+                                  top_p=body.get("top_p", 1.0),
+                                  max_new_tokens=body.get("max_tokens", 16),
+                                  seed=body.get("seed") or 0)
+        with self.lock:
+            new = generate(self.model, [ids], sampling,
+                           {self.tok.eod_id, self.tok.token_id(IM_END)}, self.tok.vocab_size)[0]
+            lp = self._logps(ids + new)
+            self.rows_scored += 1
+        choice = {"index": 0, "text": self.tok.decode(new), "finish_reason": "length",
+                  "prompt_token_ids": ids, "token_ids": new}
+        if body.get("prompt_logprobs") is not None:
+            k = body["prompt_logprobs"]
+            choice["prompt_logprobs"] = [None] + [self._entry(lp[j - 1], ids[j], k)
+                                                  for j in range(1, len(ids))]
+        if body.get("logprobs") is not None:
+            k, pos = body["logprobs"], len(ids) - 1
+            entries = [self._entry(lp[pos + i], t, k) for i, t in enumerate(new)]
+            choice["logprobs"] = {
+                "tokens": [self.tok.piece(t) for t in new],
+                "token_logprobs": [e[str(t)]["logprob"] for e, t in zip(entries, new)],
+                "top_logprobs": [{v["decoded_token"]: v["logprob"] for v in e.values()
+                                  if v["rank"] <= k} for e in entries],
+                "text_offset": [0] * len(new)}
+        return {"object": "text_completion", "model": self.name, "choices": [choice]}
+
+    def chat(self, body: dict) -> str:
+        from data_recipes.chat import Message
+        from data_recipes.generators import GeneratorConfig
+        from stages.engine.generate import EngineGenerator
+
+        cfg = GeneratorConfig(kind="engine", temperature=body.get("temperature", 1.0),
+                              top_p=body.get("top_p", 1.0), max_tokens=body.get("max_tokens", 16),
+                              seed=body.get("seed") or 0)
+        chat = [Message(m["role"], m["content"]) for m in body["messages"]]
+        with self.lock:
+            return EngineGenerator(self.model, self.tok, cfg).complete([chat])[0]
+
+
 class ChatServer:
-    def __init__(self, draft_error_rate: float = 0.5, stall_s: float = 2.0):
+    def __init__(self, draft_error_rate: float = 0.5, stall_s: float = 2.0,
+                 checkpoint: CheckpointBackend | None = None):
         self.oracle = ArithmeticOracle(GeneratorConfig(error_rate=draft_error_rate, seed=3))
         self.fixer = ArithmeticOracle(GeneratorConfig(error_rate=0.0))
         self.requests: list[tuple[str, str]] = []
@@ -39,14 +136,27 @@ class ChatServer:
         self.delay_s = 0.0
         """Every answer takes this long (a slow model, so a test can kill a client mid-run)."""
         self.lock = threading.Lock()
+        self.checkpoint = checkpoint
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):
+                if server.checkpoint is not None and self.path == "/v1/models":
+                    return self._send(200, server.checkpoint.models())
+                return self._send(404, {"error": f"no route {self.path}"})
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                backend = server.checkpoint
+                if backend is not None and self.path in ("/tokenize", "/v1/completions"):
+                    with server.lock:
+                        server.requests.append((self.path, json.dumps(body)))
+                    if self.path == "/tokenize":
+                        return self._send(200, backend.tokenize(body))
+                    return self._send(200, backend.completions(body))
                 with server.lock:
                     fail = server.always_fail or server.fail_next > 0
                     stall = not fail and server.stall_next > 0
@@ -59,7 +169,12 @@ class ChatServer:
                 if fail:
                     return self._send(500, {"error": "injected failure"})
                 time.sleep(server.delay_s)
-                text = server.answer(body["messages"])
+                if backend is not None:
+                    with server.lock:
+                        server.requests.append(("chat", body["messages"][-1]["content"]))
+                    text = backend.chat(body)
+                else:
+                    text = server.answer(body["messages"])
                 self._send(200, {"choices": [{"index": 0, "finish_reason": "stop",
                                               "message": {"role": "assistant", "content": text}}]})
 
