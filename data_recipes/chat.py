@@ -11,6 +11,11 @@ generation prompt always ends with `<|im_start|>assistant\n` and the model write
 Training targets are the assistant turns from `<think>` through `<|im_end|>` (the model must
 learn to stop); system, user, the `<|im_start|>assistant\n` headers and the newline after each
 turn are context only.
+
+`thinking: off` (a non-thinking model, e.g. Qwen3-4B-Instruct-2507): Qwen3's empty think block
+`<think>\n\n</think>\n\n` is part of every assistant header instead, so a generation prompt ends
+with it, the model writes the answer at once, and training targets are the answers only
+(reasoning is not rendered). The default, `on`, renders exactly as above.
 Text is encoded piece by piece between the markers, so a sequence's tokens are a pure function
 of its text, and the loss-mask boundaries fall exactly on marker tokens.
 """
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+from data_recipes.config_fields import added
 
 IM_START, IM_END, THINK, END_THINK = "<|im_start|>", "<|im_end|>", "<think>", "</think>"
 SPECIAL_TOKENS = [IM_START, IM_END, THINK, END_THINK]
@@ -36,6 +43,29 @@ CHAT_TEMPLATE_JINJA = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
+THINKING = ("on", "off")
+EMPTY_THINK = f"{THINK}\n\n{END_THINK}\n\n"
+"""Qwen3's empty thinking block: what `thinking: off` puts after every assistant header."""
+
+
+def chat_template(thinking: str = "on") -> str:
+    """Our format as a transformers chat template (jinja) for `thinking` on or off."""
+    if thinking == "on":
+        return CHAT_TEMPLATE_JINJA
+    check_thinking(thinking)
+    return ("{% for m in messages %}"
+            "{{ '<|im_start|>' + m['role'] + '\\n' }}"
+            "{% if m['role'] == 'assistant' %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+            "{{ m['content'] + '<|im_end|>\\n' }}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}"
+            "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{% endif %}")
+
+
+def check_thinking(thinking: str) -> None:
+    if thinking not in THINKING:
+        raise ValueError(f"thinking: {thinking!r}; one of {', '.join(THINKING)}")
+
 
 @dataclass
 class Message:
@@ -49,18 +79,24 @@ class Message:
             raise ValueError(f"role {self.role!r} is not one of {', '.join(ROLES)}")
 
 
-def render_turn(m: Message) -> tuple[str, str]:
+def render_turn(m: Message, thinking: str = "on") -> tuple[str, str]:
     """(header, body) of one turn (a newline follows); an assistant turn is trained on its body."""
     header = f"{IM_START}{m.role}\n"
     body = m.content + IM_END
     if m.role == "assistant":
-        body = f"{THINK}\n{m.reasoning}\n{END_THINK}\n\n" + body
+        if thinking == "off":
+            header += EMPTY_THINK
+        else:
+            body = f"{THINK}\n{m.reasoning}\n{END_THINK}\n\n" + body
     return header, body
 
 
-def render(messages: list[Message], add_generation_prompt: bool = False) -> str:
-    text = "".join(h + b + "\n" for h, b in map(render_turn, messages))
-    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+def render(messages: list[Message], add_generation_prompt: bool = False,
+           thinking: str = "on") -> str:
+    text = "".join(h + b + "\n" for h, b in (render_turn(m, thinking) for m in messages))
+    if not add_generation_prompt:
+        return text
+    return text + f"{IM_START}assistant\n" + (EMPTY_THINK if thinking == "off" else "")
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -80,12 +116,13 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def encode_chat(tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer, messages: list[Message],
+                thinking: str = "on") -> tuple[list[int], list[int]]:
     """(token ids, loss mask): the mask is 1 exactly on the assistant bodies' tokens."""
     ids: list[int] = []
     mask: list[int] = []
     for m in messages:
-        header, body = render_turn(m)
+        header, body = render_turn(m, thinking)
         for text, trained in ((header, False), (body, m.role == "assistant"), ("\n", False)):
             part = encode_text(tokenizer, text)
             ids.extend(part)
@@ -93,9 +130,9 @@ def encode_chat(tokenizer, messages: list[Message]) -> tuple[list[int], list[int
     return ids, mask
 
 
-def encode_prompt(tokenizer, messages: list[Message]) -> list[int]:
+def encode_prompt(tokenizer, messages: list[Message], thinking: str = "on") -> list[int]:
     """Tokens a model continues from to write the next assistant turn."""
-    return encode_text(tokenizer, render(messages, add_generation_prompt=True))
+    return encode_text(tokenizer, render(messages, add_generation_prompt=True, thinking=thinking))
 
 
 def parse_assistant(text: str) -> Message:
@@ -119,10 +156,14 @@ class PromptFormat:
     completion_template: str = "{prompt}"
     stop: list[str] = field(default_factory=list)
     """Text that ends a generation (cut there), besides the end-of-turn / end-of-document tokens."""
+    thinking: str = added("on")
+    """chat: on (the model writes its thinking block) | off (the prompt ends with Qwen3's empty
+    think block; for non-thinking models such as Qwen3-4B-Instruct-2507)."""
 
     def __post_init__(self):
         if self.prompt_format not in ("chat", "completion"):
             raise ValueError(f"prompt_format: {self.prompt_format!r}; one of chat, completion")
+        check_thinking(self.thinking)
 
 
 def final_text(text: str, prompt_format: str) -> str:

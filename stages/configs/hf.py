@@ -8,10 +8,11 @@ stages.engine.hf.weights."""
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from data_recipes.config_fields import MISSING, ref
+from data_recipes.config_fields import MISSING, added, ref, unhashed
 from stages.configs.base import StageConfig
 from stages.configs.model import ModelConfig
 
@@ -52,17 +53,80 @@ class ExportConfig(StageConfig):
     """Overrides of the recipe's `model` for this stage (must match the checkpoint)."""
     dtype: str = "bfloat16"
     """bfloat16 | float16 | float32: the safetensors dtype (conversion itself runs in fp32)."""
+    formats: list[str] = added(factory=list)
+    """Quantized exports written beside the HF directory (<out>/quantized/), each reloaded and
+    checked (stages.engine.hf.export_check): gguf_f32 | gguf_f16 | gguf_bf16 | gguf_q8_0 |
+    gguf_q4_0 | gguf_q4_k_m (needs llama.cpp's llama-quantize on PATH) | w8a16 | w4a16
+    (compressed-tensors pack-quantized, for vLLM)."""
+    group_size: int = added(128)
+    """w8a16/w4a16: inputs per scale; must divide every linear layer's input size (vLLM's Marlin
+    kernels take 32, 64 or 128)."""
+    thinking: Optional[str] = added()
+    """on | off: write our chat template (data_recipes.chat) with that thinking mode into the
+    export (tokenizer_config.json, GGUF, Modelfile). None: the tokenizer's own (ours with thinking
+    for a tokenizer stage, an imported model's unchanged)."""
+    eval_text: Optional[str] = added()
+    """A UTF-8 text file the quantized formats are compared on against the unquantized export
+    (held-out text); None: a built-in probe text."""
+    eval_tokens: int = unhashed(1024)
+    """Tokens of `eval_text` the comparison runs on."""
+    verify: bool = unhashed(True)
+    """Reload every quantized export with transformers and fail on a mismatch (see formats)."""
 
     def __post_init__(self):
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype: {self.dtype!r}; one of bfloat16, float16, float32")
+        for i, fmt in enumerate(self.formats):
+            if fmt not in EXPORT_FORMATS:
+                raise ValueError(f"formats[{i}]: {fmt!r} is not a format we write; one of "
+                                 f"{', '.join(EXPORT_FORMATS)}")
+            if fmt == "gguf_q4_k_m" and shutil.which("llama-quantize") is None:
+                raise ValueError(f"formats[{i}]: gguf_q4_k_m needs llama.cpp's llama-quantize "
+                                 "on PATH (gguf-py cannot write K-quants); not found")
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"formats: {self.formats} names a format twice")
+        if self.group_size < 1:
+            raise ValueError(f"group_size: {self.group_size}, must be at least 1")
+        if self.thinking not in (None, "on", "off"):
+            raise ValueError(f"thinking: {self.thinking!r}; one of on, off")
+        if self.eval_text is not None:
+            self.eval_text = os.path.abspath(os.path.expanduser(self.eval_text))
+            if not os.path.isfile(self.eval_text):
+                raise ValueError(f"eval_text: {self.eval_text} does not exist")
+        if self.eval_tokens < 2:
+            raise ValueError(f"eval_tokens: {self.eval_tokens}, must be at least 2")
+
+
+EXPORT_FORMATS = ("gguf_f32", "gguf_f16", "gguf_bf16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m",
+                  "w8a16", "w4a16")
+
+
+def export_problems(cfg: ExportConfig, model: ModelConfig) -> list[tuple[str, str]]:
+    """(key, problem) of an export config against the model it exports (the recipe loader and
+    the export job both ask)."""
+    out = []
+    if any(f.startswith("w") for f in cfg.formats):
+        d = model.head_dim or model.hidden_size // model.num_attention_heads
+        for name, size in (("hidden_size", model.hidden_size),
+                           ("ffn_hidden_size", model.ffn_hidden_size),
+                           ("num_attention_heads * head_dim", model.num_attention_heads * d)):
+            if size % cfg.group_size:
+                out.append(("group_size", f"{cfg.group_size} does not divide {name} {size} "
+                                          "(the input size of a linear layer)"))
+                break
+    for i, fmt in enumerate(cfg.formats):
+        if fmt.startswith("gguf") and model.rope_scaling is not None:
+            out.append((f"formats[{i}]", f"{fmt}: the GGUF writer knows llama and qwen3 without "
+                                         f"RoPE scaling; model.rope_scaling is {model.rope_scaling!r}"))
+    return out
 
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
 
 ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                "num_query_groups", "head_dim", "qk_layernorm", "rotary_base", "rope_scaling",
-               "rope_scaling_factor", "tie_embeddings", "norm_epsilon",
+               "rope_scaling_factor", "rope_original_context", "yarn_beta_fast",
+               "yarn_beta_slow", "yarn_attention_factor", "tie_embeddings", "norm_epsilon",
                "make_vocab_size_divisible_by")
 """The ModelConfig fields a checkpoint fixes (the others are training knobs: seq_length, dropout)."""
 
@@ -86,28 +150,48 @@ class UnsupportedModel(ValueError):
     """An HF config we cannot convert exactly; the message names the config.json field."""
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, str | None, float]:
-    """(theta, scaling kind, factor) from a transformers-4 (`rope_theta` + `rope_scaling`) or
-    transformers-5 (`rope_parameters`) config.json."""
+_YARN_KEYS = {"original_max_position_embeddings": "rope_original_context",
+              "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow",
+              "attention_factor": "yarn_attention_factor"}
+"""YaRN's rope parameters in config.json -> our ModelConfig fields (transformers' defaults when
+absent: beta 32/1, attention factor from the factor)."""
+
+
+def _rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's RoPE fields (rotary_base, rope_scaling, rope_scaling_factor, yarn_*) from a
+    transformers-4 (`rope_theta` + `rope_scaling`) or transformers-5 (`rope_parameters`) config."""
     key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
     params = dict(cfg.get(key) or {})
-    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    out: dict[str, Any] = {"rotary_base": float(params.pop("rope_theta",
+                                                           cfg.get("rope_theta", 10000.0)))}
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    if kind not in ("default", "linear", "llama3"):
-        raise UnsupportedModel(f"{key}.rope_type: {kind!r} is not supported (default, linear, llama3)")
+    params.pop("type", None)
+    if kind not in ("default", "linear", "llama3", "yarn"):
+        raise UnsupportedModel(f"{key}.rope_type: {kind!r} is not supported "
+                               "(default, linear, llama3, yarn)")
     factor = float(params.pop("factor", 0.0) or 0.0)
     if kind == "llama3":
         for name, value in _LLAMA3_FIXED.items():
             if float(params.pop(name, value)) != value:
                 raise UnsupportedModel(f"{key}.{name}: megatron-core's llama3 RoPE scaling fixes "
                                        f"it to {value:g}")
+    if kind == "yarn":
+        # transformers' standardize_rope_params defaults the original context to this
+        params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+        if params.pop("truncate", True) is not True:
+            raise UnsupportedModel(f"{key}.truncate: only true (transformers' default) is "
+                                   "supported")
+        for hf_name, ours in _YARN_KEYS.items():
+            value = params.pop(hf_name, None)
+            if value is not None:
+                out[ours] = int(value) if ours == "rope_original_context" else float(value)
     if params:
         raise UnsupportedModel(f"{key}.{sorted(params)[0]}: not understood for rope_type {kind}")
     if kind == "default":
-        return theta, None, 1.0
-    if factor <= 0:
-        raise UnsupportedModel(f"{key}.factor: {kind} scaling needs a positive factor")
-    return theta, kind, factor
+        return out
+    if factor <= 1:
+        raise UnsupportedModel(f"{key}.factor: {kind} scaling needs a factor > 1")
+    return {**out, "rope_scaling": kind, "rope_scaling_factor": factor}
 
 
 def model_config_from_hf(cfg: dict[str, Any]) -> tuple[ModelConfig, int]:
@@ -128,7 +212,6 @@ def model_config_from_hf(cfg: dict[str, Any]) -> tuple[ModelConfig, int]:
             raise UnsupportedModel(f"{key}: {cfg[key]!r} is not supported (only {value!r})")
     if any(t != "full_attention" for t in cfg.get("layer_types") or []):
         raise UnsupportedModel("layer_types: only full_attention layers are supported")
-    theta, scaling, factor = _rope(cfg)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     model = ModelConfig(
@@ -140,7 +223,7 @@ def model_config_from_hf(cfg: dict[str, Any]) -> tuple[ModelConfig, int]:
         head_dim=None if head_dim * heads == cfg["hidden_size"] else head_dim,
         qk_layernorm=archs[0] == "Qwen3ForCausalLM",
         seq_length=min(cfg.get("max_position_embeddings") or 4096, 4096),
-        rotary_base=theta, rope_scaling=scaling, rope_scaling_factor=factor,
+        **_rope(cfg),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         make_vocab_size_divisible_by=1,  # the HF table is used as is
         norm_epsilon=cfg.get("rms_norm_eps", 1e-6), init_method_std=cfg.get("initializer_range", 0.02),
@@ -182,6 +265,12 @@ def hf_config(model: ModelConfig, vocab_size: int, dtype: str, special: dict[str
         rope_scaling = {"rope_type": "linear", "factor": model.rope_scaling_factor}
     elif model.rope_scaling == "llama3":
         rope_scaling = {"rope_type": "llama3", "factor": model.rope_scaling_factor, **_LLAMA3_FIXED}
+    elif model.rope_scaling == "yarn":
+        rope_scaling = {"rope_type": "yarn", "factor": model.rope_scaling_factor,
+                        "original_max_position_embeddings": model.rope_original_context,
+                        "beta_fast": model.yarn_beta_fast, "beta_slow": model.yarn_beta_slow}
+        if model.yarn_attention_factor is not None:
+            rope_scaling["attention_factor"] = model.yarn_attention_factor
     cfg = {
         "architectures": ["Qwen3ForCausalLM" if qwen3 else "LlamaForCausalLM"],
         "model_type": "qwen3" if qwen3 else "llama",
@@ -194,6 +283,9 @@ def hf_config(model: ModelConfig, vocab_size: int, dtype: str, special: dict[str
         "tie_word_embeddings": model.tie_embeddings, "attention_bias": False,
         "attention_dropout": 0.0, "initializer_range": model.init_method_std, "use_cache": True,
         "torch_dtype": dtype, **special}
+    if model.rope_scaling == "yarn":  # the scaled context (transformers warns on another value)
+        cfg["max_position_embeddings"] = int(model.rope_scaling_factor
+                                             * model.rope_original_context)
     if qwen3:
         cfg.update(use_sliding_window=False, sliding_window=None)
     else:

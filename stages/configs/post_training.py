@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from data_recipes.config_fields import ref, unhashed
+from data_recipes.chat import check_thinking
+from data_recipes.config_fields import added, ref, unhashed
+from data_recipes.openai_client import TeacherServerConfig, teacher_server_config
 from data_recipes.pairs import PairFilterConfig
 from data_recipes.prompts import PromptsConfig
 from stages.configs.base import PostTrainingLRConfig, TrainingConfig
@@ -17,7 +19,14 @@ class SFTConfig(TrainingConfig):
 
     kind: str = "sft"
     data: str = ref()
-    """The sft_data stage whose samples are trained on."""
+    """What is trained on: an sft_tokenize stage (conversation datasets) or an sft_data stage
+    (refined samples), read from the SFT store they write (token ids + loss mask), memory-mapped."""
+    more_data: Optional[str] = field(default=None, metadata={"ref": True, "added": True})
+    """A second sft_tokenize or sft_data stage trained on together with `data` (see `mix`)."""
+    mix: dict[str, float] = added(factory=dict)
+    """Dataset -> weight (Tulu-style: each sample of it is taken floor(w) times per epoch plus a
+    fixed share w - floor(w) of them; absent: 1). A dataset is an sft_tokenize stage's dataset
+    name or an sft_data stage's name."""
     init: Optional[str] = ref(None)
     """The stage whose latest checkpoint is the starting point (its architecture is used)."""
     epochs: int = 2
@@ -29,6 +38,15 @@ class SFTConfig(TrainingConfig):
     lr: PostTrainingLRConfig = field(default_factory=PostTrainingLRConfig)
     heldout_samples: int = 16
     """Samples kept out of training; their loss is measured after every epoch."""
+    thinking: str = added("on")
+    """on: assistant turns keep their thinking block | off: Qwen3's empty think block closes every
+    assistant header and only answers are trained (data_recipes.chat)."""
+
+    def __post_init__(self):
+        check_thinking(self.thinking)
+        for name, weight in self.mix.items():
+            if not weight >= 0:
+                raise ValueError(f"mix.{name}: {weight}, a weight is 0 or more")
 
 
 @dataclass
@@ -84,8 +102,11 @@ class DistillConfig(TrainingConfig):
     kind: str = "distill"
     student: str = ref()
     """The stage whose latest checkpoint is the student (its architecture is used)."""
-    teacher: str = ref()
-    """The stage whose latest checkpoint is the teacher (any size, same tokenizer)."""
+    teacher: Any = ref()
+    """The stage whose latest checkpoint is the teacher (any size, same tokenizer), or a teacher
+    behind an OpenAI-compatible server, `{kind: http, url, model, top_k}`
+    (data_recipes.openai_client): it samples the positives and returns its top-k log-probs of
+    every training token, and the divergence is taken on that top-k support."""
     teacher_tokenizer: Optional[str] = ref(None)
     """The teacher's tokenizer stage when it is not `tokenizer`; the two must be identical (checked
     before any work). None: the teacher uses `tokenizer`."""
@@ -118,3 +139,19 @@ class DistillConfig(TrainingConfig):
         for key in ("teacher_samples", "student_samples", "epochs", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: {getattr(self, key)}, must be at least 1")
+        if isinstance(self.teacher, dict):
+            try:
+                self.teacher = teacher_server_config(self.teacher)
+            except ValueError as e:
+                raise ValueError(f"teacher.{e}") from None
+        if isinstance(self.teacher, TeacherServerConfig):
+            for key in ("teacher_tokenizer", "teacher_model"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: not used with an http teacher (the server's "
+                                     "tokenizer is checked against the student's; leave it unset)")
+            if self.loss.teacher_topk not in (0, self.teacher.top_k):
+                raise ValueError(f"loss.teacher_topk: {self.loss.teacher_topk}; with an http "
+                                 f"teacher the support is its top_k ({self.teacher.top_k})")
+        elif not isinstance(self.teacher, str):
+            raise ValueError(f"teacher: {self.teacher!r}; a stage name or "
+                             "{kind: http, url, model, top_k}")
