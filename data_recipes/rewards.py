@@ -1,25 +1,27 @@
 """RL tasks and their rewards: what a GRPO sub-stage samples from and how a rollout is scored.
 
-A `Task` is a prompt plus what verifies an answer to it: the reference answer (math) or asserts
-(code). Rewards score a batch of responses (the final answer, thinking block removed):
-  math   the final answer equals the reference (data_recipes.verifiers, in a sandbox)
-  code   the response's function passes every public and private assert (in a sandbox)
+A `Task` (data_recipes.prompts) is a prompt plus what verifies an answer to it: the reference
+answer (math, qa) or tests (code). Rewards score a batch of responses (the final answer, thinking
+block removed) with the checkers of data_recipes.verifiers, as pair filters and eval do:
+  math   the final answer equals the reference (math-verify, in a sandbox)
+  code   the response's program passes every assert / stdin-stdout case (in a sandbox)
+  qa, qa_f1, qa_substring   SQuAD-normalised exact match, token F1, substring match
+  task   each prompt's own checker (its prompt set's `task`), so a mixed set scores each its way
   judge  a pairwise judge compares every two samples of a prompt's group, in both orders (so
          a judge's bias for the first answer cancels); a sample's reward is its win rate.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from data_recipes import arithmetic
-from data_recipes.code_tasks import make_code_tasks
-from data_recipes.config_fields import unhashed
+from data_recipes.config_fields import added, unhashed
 from data_recipes.generators import Generator, GeneratorConfig
-from data_recipes.prompts import PromptsConfig, load_prompts
-from data_recipes.verifiers import score_code_batch, score_math_batch
+from data_recipes.prompts import Task, load_tasks  # noqa: F401 - the tasks rewards score
+from data_recipes.verifiers import CHECKERS, check
+
+REWARD_KINDS = ("math", "code", "qa", "qa_f1", "qa_substring", "task", "judge")
 
 
 @dataclass
@@ -27,47 +29,26 @@ class RewardConfig:
     """How a sub-stage scores a rollout."""
 
     kind: str = "math"
-    """math (final answer vs the reference, checked in a sandbox) | code (the response's function
-    run against the task's public and private asserts in a sandbox) | judge (a pairwise judge
-    compares every two samples of a group, both orders; reward = the sample's win rate)."""
+    """math (final answer vs the reference, math-verify in a sandbox) | code (the response's program
+    against the task's asserts or stdin/stdout cases in a sandbox) | qa | qa_f1 | qa_substring
+    (SQuAD-normalised) | task (each prompt's own checker, its set's `task`) | judge (a pairwise
+    judge compares every two samples of a group, both orders; reward = the sample's win rate)."""
     judge: GeneratorConfig = field(default_factory=GeneratorConfig)
     """judge: the backend: engine (the rl stage's `judge` checkpoint), http, or the arithmetic
     oracle (prefers a right answer, then the shorter one: a programmatic stand-in for a
     preference model)."""
     workers: int = unhashed(8)
     """Sandboxes run at once."""
+    format_weight: float = added(0.0)
+    """Multi-turn tool rollouts (the sub-stage's `tools`): added to the reward when the rollout ends
+    with an answer turn closed by <|im_end|> and every tool call parsed (Jan-nano: 0.2)."""
+    tool_weight: float = added(0.0)
+    """Tool rollouts: times the share of tool calls that ran without error (0 without calls;
+    Jan-nano's tool-execution term: 0.2)."""
 
     def __post_init__(self):
-        if self.kind not in ("math", "code", "judge"):
-            raise ValueError(f"kind: {self.kind!r} is not a reward; one of math, code, judge")
-
-
-@dataclass(frozen=True)
-class Task:
-    id: str
-    prompt: str
-    answer: str | None = None
-    """math: the reference final answer."""
-    tests: tuple[str, ...] = ()
-    """code: asserts the response's code must pass (public ones are also in the prompt)."""
-
-
-def load_tasks(cfg: PromptsConfig) -> list[Task]:
-    """The prompt set with each prompt's verification data."""
-    if cfg.kind == "code":
-        return [Task(t.id, t.prompt_with_tests, tests=t.tests)
-                for t in make_code_tasks(cfg.num, cfg.seed, cfg.split, cfg.heldout_fraction)]
-    prompts = load_prompts(cfg)
-    if cfg.kind == "arithmetic":
-        return [Task(p.id, p.text, answer=str(arithmetic.solve(p.text)["answer"])) for p in prompts]
-    answers = {}
-    with open(cfg.path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                if cfg.answer_field in row:
-                    answers[row[cfg.field]] = str(row[cfg.answer_field])
-    return [Task(p.id, p.text, answer=answers.get(p.text)) for p in prompts]
+        if self.kind not in REWARD_KINDS:
+            raise ValueError(f"kind: {self.kind!r} is not a reward; one of {', '.join(REWARD_KINDS)}")
 
 
 class Reward(Protocol):
@@ -75,26 +56,19 @@ class Reward(Protocol):
         """A reward per response; responses come in groups of `group_size` per task."""
 
 
-class MathReward:
-    def __init__(self, workers: int):
+class CheckerReward:
+    """A checker's score of each response (`task`: each prompt's own checker)."""
+
+    def __init__(self, kind: str, workers: int):
+        self.checker = None if kind == "task" else kind
         self.workers = workers
 
     def score(self, tasks, responses, group_size):
-        missing = [t.id for t in tasks if t.answer is None]
-        if missing:
-            raise ValueError(f"reward: math needs a reference answer; {len(missing)} prompts have "
-                             "none (prompts.answer_field)")
-        refs = [t.answer for t in tasks for _ in range(group_size)]
-        return score_math_batch(responses, refs, max_workers=self.workers)
-
-
-class CodeReward:
-    def __init__(self, workers: int):
-        self.workers = workers
-
-    def score(self, tasks, responses, group_size):
-        tests = [t.tests for t in tasks for _ in range(group_size)]
-        return [r.reward for r in score_code_batch(responses, tests, max_workers=self.workers)]
+        try:
+            return check([t for t in tasks for _ in range(group_size)], responses,
+                         checker=self.checker, max_workers=self.workers)
+        except ValueError as e:
+            raise ValueError(f"reward: {e}") from None
 
 
 class JudgeReward:
@@ -117,10 +91,8 @@ class JudgeReward:
 
 
 def build_reward(cfg: RewardConfig, judge: Generator | None = None) -> Reward:
-    if cfg.kind == "math":
-        return MathReward(cfg.workers)
-    if cfg.kind == "code":
-        return CodeReward(cfg.workers)
+    if cfg.kind in CHECKERS or cfg.kind == "task":
+        return CheckerReward(cfg.kind, cfg.workers)
     if judge is None:
         raise ValueError("reward.judge: no judge backend was built")
     return JudgeReward(judge)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from data_recipes.backends import build_generator
-from data_recipes.chat import Message, final_text
+from data_recipes.chat import final_text
 from data_recipes.config_fields import from_dict
 from data_recipes.rewards import Task, build_reward, load_tasks
 from schedulers.post_training import post_training_schedule
@@ -50,6 +50,7 @@ from stages.engine.model import unwrap
 from stages.engine.optim import current_lr
 from stages.engine.progress import Progress
 from stages.engine.tokenizer import tokenizer_of_stage
+from stages.engine.tool_rollout import Rollouts, build_tool_loop, tool_rollouts
 from stages.engine.tracking import MetricLogger
 from stages.engine.training import job_world, optimizer_step, start_training, zero_grad
 
@@ -63,9 +64,11 @@ class Policy:
         self.gen = EngineGenerator(model, tok, cfg)
         self.cfg, self.batch_size = cfg, batch_size
         self.progress: Progress | None = None
+        self.tools = None  # a ToolLoop (stages.engine.tool_rollout): multi-turn rollouts
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.gen.encode([Message("user", prompt)])
+    def encode(self, task) -> list[int]:
+        """A task's conversation (its system prompt and earlier turns too) as prompt ids."""
+        return self.gen.encode(task.chat())
 
     def sample(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
         """New tokens of each prompt, batched; batch i uses seed + i (reproducible)."""
@@ -92,9 +95,13 @@ class Policy:
 def pass_rate_filter(policy: Policy, tasks: list[Task], reward, sub, seed: int) -> list[dict]:
     """Each task's pass rate over `filter.samples` answers and whether it is kept."""
     f, g = sub.filter, sub.grpo
-    prompts = [policy.encode(t.prompt) for t in tasks for _ in range(f.samples)]
-    new = policy.sample(prompts, SamplingConfig(g.temperature, g.top_p, g.max_new_tokens, seed))
-    rewards = reward.score(tasks, [policy.final_text(n) for n in new], f.samples)
+    if getattr(policy, "tools", None) is not None:
+        rewards = tool_rollouts(policy, reward, tasks, g, seed, f.samples).rewards
+    else:
+        prompts = [policy.encode(t) for t in tasks for _ in range(f.samples)]
+        new = policy.sample(prompts, SamplingConfig(g.temperature, g.top_p, g.max_new_tokens,
+                                                    seed))
+        rewards = reward.score(tasks, [policy.final_text(n) for n in new], f.samples)
     rows = []
     for k, t in enumerate(tasks):
         # a judge's win rate is relative, not a pass: count a sample as passed when it won most
@@ -107,17 +114,20 @@ def pass_rate_filter(policy: Policy, tasks: list[Task], reward, sub, seed: int) 
 # --- 2. GRPO --------------------------------------------------------------------------------------
 
 
-def make_batch(rows: list[tuple[list[int], list[int], bool]], pad_id: int, device):
-    """(prompt ids, new ids, trained?) rows -> right-padded tokens/labels/response mask."""
-    n = max(len(p) + len(r) for p, r, _ in rows) - 1
+def make_batch(rows: list[tuple], pad_id: int, device):
+    """(prompt ids, new ids, trained?[, mask over new ids]) rows -> right-padded tokens/labels/
+    response mask (a tool rollout's observation tokens: mask 0)."""
+    n = max(len(r[0]) + len(r[1]) for r in rows) - 1
     tokens = torch.full((len(rows), n), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), n), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), n, dtype=torch.bool)
-    for i, (p, r, trained) in enumerate(rows):
+    for i, (p, r, trained, *rmask) in enumerate(rows):
         ids = p + r
         tokens[i, :len(ids) - 1] = torch.tensor(ids[:-1])
         labels[i, :len(ids) - 1] = torch.tensor(ids[1:])
-        mask[i, len(p) - 1:len(ids) - 1] = trained  # positions predicting the response tokens
+        mask[i, len(p) - 1:len(ids) - 1] = (  # positions predicting the response tokens
+            torch.tensor(rmask[0], dtype=torch.bool) & trained if rmask and rmask[0] is not None
+            else trained)
     return {"tokens": tokens.to(device), "labels": labels.to(device), "mask": mask.to(device),
             "position_ids": torch.arange(n, device=device).unsqueeze(0).expand(len(rows), -1),
             "attention_mask": torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool,
@@ -233,21 +243,12 @@ def filtered_tasks(policy: Policy, tasks: list[Task], reward, sub, seed: int, ou
     return kept, fstats
 
 
-@dataclasses.dataclass
-class Rollouts:
-    prompts: list[list[int]]
-    new: list[list[int]]
-    texts: list[str]
-    rewards: list[float]
-    truncated: list[bool]
-    rollout_s: float
-    reward_s: float
-
-
 def rollouts(policy: Policy, reward, mine: list[Task], g, seed: int) -> Rollouts:
     """`group_size` sampled answers to each of this rank's prompts, their texts and rewards."""
+    if policy.tools is not None:
+        return tool_rollouts(policy, reward, mine, g, seed, g.group_size)
     t0 = time.time()
-    prompts = [policy.encode(t.prompt) for t in mine for _ in range(g.group_size)]
+    prompts = [policy.encode(t) for t in mine for _ in range(g.group_size)]
     new = policy.sample(prompts, SamplingConfig(g.temperature, g.top_p, g.max_new_tokens, seed))
     rollout_s = time.time() - t0
     texts = [policy.final_text(n) for n in new]
@@ -274,7 +275,9 @@ def step_metrics(ro: Rollouts, stats: dict[str, float], lr: float, train_s: floa
             "response_length": new_tokens / n,
             "truncated_share": distributed.dp_sum(torch.tensor(float(sum(ro.truncated)))) / n,
             "rollout_s": rollout_s, "reward_s": reward_s, "train_s": train_s,
-            "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9), "lr": lr, **stats}
+            "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9), "lr": lr,
+            "masked_share": 1 - stats["trained_tokens"] / max(new_tokens, 1.0), **stats,
+            **{k: distributed.dp_sum(torch.tensor(v)) / n for k, v in ro.tool_sums.items()}}
 
 
 def write_rollouts(path: Path, step: int, mine: list[Task], ro: Rollouts, adv, tok,
@@ -327,6 +330,7 @@ def run(spec: StageSpec) -> dict[str, Any]:
         model, optimizer, state = trainer.model, trainer.optimizer, trainer.state
         step = state["step"]
         policy = Policy(unwrap(model), tok, cfg, cfg.rollout_batch_size)
+        policy.tools = build_tool_loop(sub, cfg, tok, out, policy.gen.stop_ids)
         logger = MetricLogger(spec, info.rank)
         kept, fstats = filtered_tasks(policy, tasks, reward, sub, cfg.seed + 10 ** 6, out, logger,
                                       is_rank0)
@@ -346,8 +350,8 @@ def run(spec: StageSpec) -> dict[str, Any]:
             ro = rollouts(policy, reward, mine, g, cfg.seed + 1000 * step + info.dp_rank)
             adv = group_advantages(torch.tensor(ro.rewards).view(len(mine), g.group_size),
                                    g.normalize_std).flatten().to(info.device)
-            rows = [(p, n, not (g.mask_truncated and cut))
-                    for p, n, cut in zip(ro.prompts, ro.new, ro.truncated)]
+            rows = [(p, n, not (g.mask_truncated and cut), m) for p, n, cut, m in
+                    zip(ro.prompts, ro.new, ro.truncated, ro.masks or [None] * len(ro.new))]
             t_train = time.time()
             lr = current_lr(optimizer)
             stats = grpo_update(model, optimizer, trainer.scheduler, rows, adv, sub, tok.pad_id,

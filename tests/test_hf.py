@@ -247,7 +247,7 @@ def test_pipeline_model_export_greedy_and_tokenizer(megatron_world, tmp_path):
 
 @pytest.mark.parametrize("change, field", [
     ({"architectures": ["MistralForCausalLM"]}, "architectures"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}},
      "rope_parameters.rope_type"),
     ({"rope_parameters": {**LLAMA3_ROPE, "low_freq_factor": 2.0, "rope_theta": 1e4}},
      "rope_parameters.low_freq_factor"),

@@ -7,8 +7,11 @@ tests/test_model.py checks `num_params` against it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
+
+from data_recipes.config_fields import added
 
 
 @dataclass
@@ -37,9 +40,20 @@ class ModelConfig:
     qk_layernorm: bool = False
     """RMSNorm over each query and key head before RoPE (Qwen3)."""
     rope_scaling: Optional[str] = None
-    """None | llama3 (Llama 3.x frequency scaling) | linear (position interpolation)."""
+    """None | llama3 (Llama 3.x frequency scaling) | linear (position interpolation) | yarn
+    (YaRN, arXiv 2309.00071, as transformers computes it)."""
     rope_scaling_factor: float = 1.0
-    """The factor of `rope_scaling` (ignored when it is None)."""
+    """The factor of `rope_scaling`, > 1 (ignored when it is None)."""
+    rope_original_context: Optional[int] = added()
+    """yarn: the context the model was pretrained at (HF `original_max_position_embeddings`);
+    the scaled model reaches about factor x this."""
+    yarn_beta_fast: float = added(32.0)
+    """yarn: rotations above which a frequency is kept as is (extrapolated)."""
+    yarn_beta_slow: float = added(1.0)
+    """yarn: rotations below which a frequency is divided by the factor (interpolated)."""
+    yarn_attention_factor: Optional[float] = added()
+    """yarn: the factor on q and k (so attention logits get its square); None: transformers'
+    and megatron's default 0.1 * ln(rope_scaling_factor) + 1."""
 
     def __post_init__(self):
         for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -54,9 +68,39 @@ class ModelConfig:
         if self.rotary_base <= 0 or self.norm_epsilon <= 0:
             key = "rotary_base" if self.rotary_base <= 0 else "norm_epsilon"
             raise ValueError(f"{key}: {getattr(self, key)}, must be positive")
-        if self.rope_scaling not in (None, "llama3", "linear"):
+        if self.rope_scaling not in (None, "llama3", "linear", "yarn"):
             raise ValueError(f"rope_scaling: {self.rope_scaling!r} is not supported; one of "
-                             "null, llama3, linear")
+                             "null, llama3, linear, yarn")
+        if self.rope_scaling is not None and not self.rope_scaling_factor > 1:
+            raise ValueError(f"rope_scaling_factor: {self.rope_scaling_factor}, must be > 1 "
+                             f"for rope_scaling {self.rope_scaling}")
+        self._check_yarn()
+
+    def _check_yarn(self) -> None:
+        if self.rope_scaling != "yarn":
+            for key, default in (("rope_original_context", None), ("yarn_beta_fast", 32.0),
+                                 ("yarn_beta_slow", 1.0), ("yarn_attention_factor", None)):
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key}: {getattr(self, key)} is set but rope_scaling is "
+                                     f"{self.rope_scaling!r}, not yarn")
+            return
+        if self.rope_original_context is None or self.rope_original_context < 1:
+            raise ValueError(f"rope_original_context: {self.rope_original_context}, yarn needs "
+                             "the pretrained context length (at least 1)")
+        if not 0 < self.yarn_beta_slow < self.yarn_beta_fast:
+            raise ValueError(f"yarn_beta_slow: {self.yarn_beta_slow}, must be positive and "
+                             f"below yarn_beta_fast {self.yarn_beta_fast}")
+        if self.yarn_attention_factor is not None and self.yarn_attention_factor <= 0:
+            raise ValueError(f"yarn_attention_factor: {self.yarn_attention_factor}, must be "
+                             "positive (or null)")
+
+    def attention_factor(self) -> float:
+        """The factor YaRN puts on q and k (1 without yarn)."""
+        if self.rope_scaling != "yarn":
+            return 1.0
+        if self.yarn_attention_factor is not None:
+            return self.yarn_attention_factor
+        return 0.1 * math.log(self.rope_scaling_factor) + 1.0
 
 
 def padded_vocab_size(vocab_size: int, model: ModelConfig) -> int:

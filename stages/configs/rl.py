@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from data_recipes.chat import PromptFormat
-from data_recipes.config_fields import MISSING, ref, unhashed
+from data_recipes.config_fields import MISSING, added, ref, unhashed
 from data_recipes.prompts import PromptsConfig
 from data_recipes.rewards import RewardConfig
+from data_recipes.tools import ToolsConfig
 from stages.configs.base import PostTrainingLRConfig, TrainingConfig
 
 
@@ -82,10 +83,21 @@ class RLSubstageConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     filter: PassRateFilterConfig = field(default_factory=PassRateFilterConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    tools: Optional[ToolsConfig] = added(None)
+    """Multi-turn rollouts with these tools (stages.engine.tool_rollout); none: one turn."""
+    max_turns: int = added(5)
+    """tools: assistant turns per rollout (a tool call in the last one is not run)."""
+    max_tokens: Optional[int] = added(None)
+    """tools: token budget of a rollout after its prompt (sampled and observation tokens); none:
+    up to the model's seq_length. `grpo.max_new_tokens` limits each turn."""
 
     def __post_init__(self):
         if self.name != MISSING and not re.fullmatch(r"[A-Za-z0-9_]+", self.name):
             raise ValueError(f"name: {self.name!r}; letters, digits and _ only (it names a stage)")
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns: {self.max_turns}, must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens: {self.max_tokens}, must be at least 1")
 
 
 @dataclass(kw_only=True)
@@ -113,3 +125,6 @@ class RLConfig(TrainingConfig, PromptFormat):
         names = [s.name for s in self.substages]
         if len(set(names)) != len(names):
             raise ValueError(f"substages: names repeat ({', '.join(names)})")
+        for i, s in enumerate(self.substages):
+            if s.tools is not None and self.prompt_format != "chat":
+                raise ValueError(f"substages[{i}].tools: tool calls need prompt_format chat")

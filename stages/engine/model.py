@@ -11,14 +11,30 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from stages.configs.base import MemoryConfig
 from stages.configs.model import ModelConfig, padded_vocab_size
+from stages.engine.yarn import yarn_inv_freq, yarn_transformer_config
 
 
-def build_transformer_config(model_cfg: ModelConfig):
+def recompute_settings(memory: MemoryConfig, num_layers: int) -> dict:
+    """TransformerConfig's activation-recompute fields for `memory.recompute`."""
+    if memory.recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if memory.recompute == "full":
+        if memory.recompute_num_layers:  # the first N layers of each pipeline stage
+            return {"recompute_granularity": "full", "recompute_method": "block",
+                    "recompute_num_layers": min(memory.recompute_num_layers, num_layers)}
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    return {}
+
+
+def build_transformer_config(model_cfg: ModelConfig, memory: MemoryConfig | None = None):
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
 
     bf16 = torch.cuda.is_available()
+    memory = memory or MemoryConfig()
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -41,6 +57,11 @@ def build_transformer_config(model_cfg: ModelConfig):
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        sequence_parallel=memory.sequence_parallel,
+        context_parallel_size=memory.context_parallel,
+        **recompute_settings(memory, model_cfg.num_layers),
+        **yarn_transformer_config(model_cfg, model_cfg.head_dim
+                                  or model_cfg.hidden_size // model_cfg.num_attention_heads),
     )
 
 
@@ -53,11 +74,14 @@ def build_layer_spec(qk_layernorm: bool = False):
                                                     normalization="RMSNorm")
 
 
-def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int):
+def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int,
+                memory: MemoryConfig | None = None):
     """The GPTModel for this rank (its pipeline stage, its tensor-parallel shard), on its device.
 
     `max_seq_length` is the longest sequence of any phase (RoPE has no learned positions, so it
-    only bounds what the model accepts). Needs stages.engine.distributed.init() first.
+    only bounds what the model accepts). `memory`: the stage's recompute / sequence-parallel
+    settings (the trained model's; frozen teachers and references need none). Needs
+    stages.engine.distributed.init() first.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -68,7 +92,7 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int):
         raise ValueError(f"model.make_vocab_size_divisible_by ({model_cfg.make_vocab_size_divisible_by})"
                          f" must be a multiple of parallel.tensor ({tp})")
     model = GPTModel(
-        config=build_transformer_config(model_cfg),
+        config=build_transformer_config(model_cfg, memory),
         transformer_layer_spec=build_layer_spec(model_cfg.qk_layernorm),
         vocab_size=vocab,
         max_sequence_length=max_seq_length,
@@ -87,6 +111,10 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int):
     # set_rotary_base recomputes inv_freq and must apply the same llama3 scaling again
     model.llama3_rope_factor = (model_cfg.rope_scaling_factor
                                 if model_cfg.rope_scaling == "llama3" else None)
+    # yarn: megatron's rope is built unscaled; its inv_freq is replaced here and on a base change
+    model.yarn_rope = model_cfg if model_cfg.rope_scaling == "yarn" else None
+    if model.yarn_rope is not None:
+        set_rotary_base(model, model_cfg.rotary_base)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
@@ -111,6 +139,9 @@ def set_rotary_base(model, base: float) -> None:
     factor = getattr(unwrap(model), "llama3_rope_factor", None)
     if factor is not None:
         rope.inv_freq = rope._apply_scaling(rope.inv_freq, factor=factor)
+    yarn = getattr(unwrap(model), "yarn_rope", None)
+    if yarn is not None:
+        rope.inv_freq = yarn_inv_freq(yarn, base, dim, inv_freq.device)
     # RotaryEmbedding.forward is lru_cached per (module, seq_len): stale tables would keep the old base
     RotaryEmbedding.forward.cache_clear()
     unwrap(model).rotary_pos_emb_cache.clear()
