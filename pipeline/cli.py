@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        # served teachers are asked before a run starts; plan/status work while they are down
+        recipe = load_recipe(args.recipe, args.overrides,
+                             probe_servers=args.command == "run" and not args.dry_run)
         graph = build_graph(recipe)
         if args.command == "run" and (args.only or args.until):
             graph = select_stages(graph, args.only, args.until)

@@ -54,6 +54,9 @@ class PlanConfig:
     """Model FLOPs utilisation assumed for the GPU-hours estimate."""
     gpu_peak_tflops: float = 989.0
     """Dense bf16 peak of one GPU (H100 SXM: 989)."""
+    fused_attention: Optional[bool] = None
+    """Whether the jobs will have TransformerEngine's fused attention (no s x s scores kept), for
+    the memory plan. None: as where `pipeline plan` runs (TransformerEngine importable or not)."""
 
 
 @dataclass
@@ -259,7 +262,7 @@ def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
     items: dict[str, list] = {}
     failed = False
     for f in dataclasses.fields(cls):
-        hint, value = hints[f.name], node.get(f.name)
+        hint, value = _unless_none(hints[f.name]), node.get(f.name)
         elem = _list_item_dataclass(hint)
         if value is not None and ((elem is not None and not isinstance(value, ListConfig)) or (
                 dataclasses.is_dataclass(hint) and not isinstance(value, DictConfig))):
@@ -318,6 +321,12 @@ def _list_of_plain(hint: Any) -> str:
         if arg in (str, int, float, bool):
             return arg.__name__
     return ""
+
+
+def _unless_none(hint: Any) -> Any:
+    """Optional[X] -> X (an optional nested dataclass is checked like a required one when set)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
 
 
 def _list_item_dataclass(hint: Any) -> type | None:

@@ -13,13 +13,19 @@ from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
+from data_recipes.openai_client import TeacherServer, TeacherServerConfig
 from data_recipes.sources import missing_paths
-from pipeline.graph import stage_launcher, stage_model, stage_refs, topo_order
+from data_recipes.tokenizer_loading import SentencePieceTokenizer, load_tokenizer
+from pipeline.memory_plan import memory_problems
+from pipeline.graph import build_graph, stage_launcher, stage_model, stage_refs, topo_order
 from pipeline.recipe import Recipe, RecipeError, read_recipe
 from schedulers.fg_wsd import check as check_schedule
 from schedulers.mixture import check_weights
-from stages.configs.post_training import DistillConfig
-from stages.configs.hf import ImportConfig, UnsupportedModel, architecture_mismatch, read_hf_config
+from stages.configs.data import SFTTokenizeConfig, TokenizerConfig
+from stages.configs.post_training import DistillConfig, SFTConfig
+from stages.configs.hf import (ExportConfig, ImportConfig, UnsupportedModel,
+                               architecture_mismatch, export_problems, read_hf_config)
+from stages.contract import MANIFEST, read_json
 from stages.configs.pretrain import PretrainConfig
 from stages.configs.rl import RLConfig
 from schedulers.fg_wsd import phase_specs, pretrain_schedule
@@ -31,17 +37,20 @@ TOKENIZER_KINDS = ("tokenizer", "import")
 REF_KINDS = {"tokenizer": TOKENIZER_KINDS, "teacher_tokenizer": TOKENIZER_KINDS,
              "data": ("prepare",), "init": CHECKPOINT_KINDS, "engine": CHECKPOINT_KINDS,
              "student": CHECKPOINT_KINDS, "teacher": CHECKPOINT_KINDS, "judge": CHECKPOINT_KINDS,
-             ("sft", "data"): ("sft_data",)}
+             ("sft", "data"): ("sft_data", "sft_tokenize"),
+             ("sft", "more_data"): ("sft_data", "sft_tokenize")}
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read, override, check the schema and the semantics; raise RecipeError on any problem."""
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None,
+                probe_servers: bool = True) -> Recipe:
+    """Read, override, check the schema and the semantics; raise RecipeError on any problem.
+    `probe_servers`: also ask every served teacher whether it can teach (HTTP requests)."""
     recipe = read_recipe(path, overrides)
-    validate(recipe)
+    validate(recipe, probe_servers)
     return recipe
 
 
-def validate(recipe: Recipe) -> None:
+def validate(recipe: Recipe, probe_servers: bool = False) -> None:
     problems: list[tuple[str, str]] = []
     if not recipe.stages:
         problems.append(("stages", "the recipe has no stages"))
@@ -56,6 +65,9 @@ def validate(recipe: Recipe) -> None:
         # Cycles only make sense to look for once every edge points at a real stage.
         topo_order({n: sorted(set(stage_refs(c).values()) | set(c.after))
                     for n, c in recipe.stages.items()})
+        problems += memory_problems(recipe)  # per-GPU memory against launcher.gpu_memory_gb
+        if probe_servers:
+            problems += _probe_teacher_servers(recipe)
     if problems:
         raise RecipeError(problems)
 
@@ -93,11 +105,19 @@ def _check_stage(recipe: Recipe, name: str, cfg) -> list[tuple[str, str]]:
         return problems
     if isinstance(cfg, ImportConfig):
         problems += _check_import(path, cfg)
+    if isinstance(cfg, ExportConfig):
+        problems += [(f"{path}.{key}", msg)
+                     for key, msg in export_problems(cfg, stage_model(recipe, cfg))]
     problems += _check_imported_model(recipe, path, cfg)
     if isinstance(cfg, PretrainConfig):
         problems += _check_pretrain(recipe, path, cfg)
     if isinstance(cfg, DistillConfig):
         problems += _check_distill(recipe, path, cfg)
+    if isinstance(cfg, SFTConfig):
+        problems += _check_sft_mix(recipe, path, cfg)
+    if isinstance(cfg, SFTTokenizeConfig) and not cfg.datasets:
+        problems.append((f"{path}.datasets", "name at least one conversation dataset (name, "
+                                             "source, format)"))
     if isinstance(cfg, RLConfig) and not cfg.substages:
         problems.append((f"{path}.substages", "name at least one sub-stage (name, prompts, "
                                               "reward, filter, grpo)"))
@@ -115,7 +135,8 @@ def _check_distill(recipe: Recipe, path: str, cfg: DistillConfig) -> list[tuple[
     `teacher_tokenizer` (compared token by token at run time) or else its `tokenizer`."""
     problems = []
     want = cfg.teacher_tokenizer or cfg.tokenizer
-    for role, key in ((cfg.teacher, "teacher"), (cfg.student, "student")):
+    served = isinstance(cfg.teacher, TeacherServerConfig)  # its tokenizer is probed, not named
+    for role, key in [(cfg.teacher, "teacher")] * (not served) + [(cfg.student, "student")]:
         used = tokenizer_of(recipe, role)
         expected = want if key == "teacher" else cfg.tokenizer
         if used and used != expected:
@@ -124,6 +145,43 @@ def _check_distill(recipe: Recipe, path: str, cfg: DistillConfig) -> list[tuple[
             problems.append((f"{path}.{key}", f"{role!r} was trained with tokenizer {used!r}, "
                                               f"not {expected!r}; {fix}"))
     return problems
+
+
+def _probe_teacher_servers(recipe: Recipe) -> list[tuple[str, str]]:
+    """Each served distill teacher, before anything starts: reachable, serving its model, and
+    tokenizing a probe text as the student's tokenizer does when that tokenizer exists already
+    (a finished tokenizer or import stage, or an adopted model_file); otherwise the job makes
+    the same check before any work."""
+    served = {n: c for n, c in recipe.stages.items()
+              if isinstance(c, DistillConfig) and isinstance(c.teacher, TeacherServerConfig)}
+    graph = build_graph(recipe) if served else {}
+    problems = []
+    for name, cfg in served.items():
+        tok = None
+        manifest = graph[cfg.tokenizer].output_dir / MANIFEST
+        try:
+            if manifest.exists():
+                tok = load_tokenizer(read_json(manifest))
+            elif isinstance(adopted := recipe.stages[cfg.tokenizer], TokenizerConfig) and \
+                    adopted.model_file:
+                tok = SentencePieceTokenizer(adopted.model_file)
+        except Exception:  # noqa: BLE001 - an unreadable tokenizer is reported by its own stage
+            tok = None
+        why = TeacherServer(cfg.teacher, timeout_s=10.0, max_retries=0).problem(tok)
+        if why:
+            problems.append((f"stages.{name}.teacher" + (f".{why[0]}" if why[0] else ""), why[1]))
+    return problems
+
+
+def _check_sft_mix(recipe: Recipe, path: str, cfg: SFTConfig) -> list[tuple[str, str]]:
+    """`mix` names datasets of `data`/`more_data`: an sft_tokenize stage's datasets, or an sft_data
+    stage's own name."""
+    names = []
+    for dep in filter(None, (cfg.data, cfg.more_data)):
+        upstream = recipe.stages.get(dep)
+        names += [d.name for d in upstream.datasets] if hasattr(upstream, "datasets") else [dep]
+    return [(f"{path}.mix.{name}", f"not a dataset of data/more_data ({', '.join(names)})")
+            for name in cfg.mix if name not in names]
 
 
 def _check_import(path: str, cfg: ImportConfig) -> list[tuple[str, str]]:
