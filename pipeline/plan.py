@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.budgets import assumptions, stage_budget
 from pipeline.graph import StageNode
 from pipeline.memory_plan import stage_memory
 from pipeline.recipe import Recipe
@@ -14,6 +15,7 @@ from schedulers.fg_wsd import pretrain_schedule
 
 def render_plan(recipe: Recipe, graph: dict[str, StageNode]) -> str:
     lines = [f"pipeline {recipe.name!r}: {len(graph)} stages, workdir {recipe.workdir}", ""]
+    hours: dict[str, float] = {}
     for name, node in graph.items():
         deps = f"  <- {', '.join(node.deps)}" if node.deps else ""
         state = stage_state(node.output_dir).state
@@ -24,15 +26,25 @@ def render_plan(recipe: Recipe, graph: dict[str, StageNode]) -> str:
                      f"{launcher.nproc_per_node} process(es)"
                      + (f", {launcher.gpus_per_node} GPU(s)/node" if launcher.gpus_per_node else ""))
         if isinstance(node.config, PretrainConfig):
-            lines += ["    " + line for line in _pretrain(recipe, graph, node)]
+            pretrain_lines, hours[name] = _pretrain(recipe, graph, node)
+            lines += ["    " + line for line in pretrain_lines]
+        budget = stage_budget(recipe, graph, node)
+        if budget is not None:
+            lines += ["    " + line for line in budget.lines]
+            hours[name] = budget.gpu_hours
         memory = stage_memory(recipe, name)
         if memory is not None:
             lines += ["    " + line for line in memory.lines()]
         lines.append("")
+    lines.append("GPU-hours per stage: " + (", ".join(f"{n} {h:,.1f}" for n, h in hours.items()
+                                                     if h) or "none (CPU launchers)")
+                 + f"; total {sum(hours.values()):,.1f}")
+    lines.append(assumptions(recipe))
     return "\n".join(lines)
 
 
-def _pretrain(recipe: Recipe, graph: dict[str, StageNode], node: StageNode) -> list[str]:
+def _pretrain(recipe: Recipe, graph: dict[str, StageNode],
+              node: StageNode) -> tuple[list[str], float]:
     cfg: PretrainConfig = node.config
     model = ModelConfig(**node.model)
     tok = graph[cfg.tokenizer].config
@@ -62,14 +74,16 @@ def _pretrain(recipe: Recipe, graph: dict[str, StageNode], node: StageNode) -> l
     flops = 6.0 * params * tokens
     gpus = node.launcher.nodes * node.launcher.gpus_per_node
     estimate = f"compute: 6·N·D = {flops:.3g} FLOPs"
+    gpu_hours = 0.0
     if gpus:
         plan = recipe.plan
         hours = flops / (gpus * plan.gpu_peak_tflops * 1e12 * plan.mfu) / 3600
+        gpu_hours = hours * gpus
         estimate += (f" = {hours * gpus:,.0f} GPU-hours at {plan.mfu:.0%} MFU of "
                      f"{plan.gpu_peak_tflops:g} TFLOP/s; {hours / 24:,.1f} days on {gpus} GPUs")
     else:
         estimate += " (CPU launcher: no GPU-hours estimate)"
-    return out + [estimate]
+    return out + [estimate], gpu_hours
 
 
 def _human(n: float) -> str:

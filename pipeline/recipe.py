@@ -54,9 +54,27 @@ class PlanConfig:
     """Model FLOPs utilisation assumed for the GPU-hours estimate."""
     gpu_peak_tflops: float = 989.0
     """Dense bf16 peak of one GPU (H100 SXM: 989)."""
+    rollout_tokens_per_gpu_s: float = 5000.0
+    """Generated tokens per second per GPU (rollouts, DPD sampling, eval): batched decoding of a
+    ~3B model on one H100 with an inference engine; measure yours (bench/gpu_check.py)."""
+    answer_fraction: float = 0.5
+    """The mean answer length as a share of `max_new_tokens`."""
+    sft_tokens_per_sample: int = 2048
+    """Mean tokens of an SFT conversation (prompt + answer)."""
+    sft_dataset_samples: int = 1_000_000
+    """Records assumed for a conversation dataset whose size the recipe does not cap (max_docs)."""
     fused_attention: Optional[bool] = None
     """Whether the jobs will have TransformerEngine's fused attention (no s x s scores kept), for
     the memory plan. None: as where `pipeline plan` runs (TransformerEngine importable or not)."""
+
+    def __post_init__(self):
+        for key in ("mfu", "gpu_peak_tflops", "rollout_tokens_per_gpu_s", "answer_fraction",
+                    "sft_tokens_per_sample", "sft_dataset_samples"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}: {getattr(self, key)}, must be positive")
+        for key in ("mfu", "answer_fraction"):
+            if getattr(self, key) > 1:
+                raise ValueError(f"{key}: {getattr(self, key)}, a share: at most 1")
 
 
 @dataclass
