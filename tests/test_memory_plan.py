@@ -149,7 +149,11 @@ def test_a_stage_that_cannot_fit_is_a_validation_error_with_breakdown_and_knob(t
     from pipeline.validate import load_recipe
 
     monkeypatch.setattr(memory_plan, "fused_attention_available", lambda: True)
-    gpu = ["launcher.gpus_per_node=8", "launcher.gpu_memory_gb=80"]
+    # the 3B at TP 1, micro batch 4 and no savers (the recipe itself runs TP 2 + savers)
+    gpu = ["launcher.gpus_per_node=8", "launcher.gpu_memory_gb=80", "stages.pretrain.parallel.tensor=1",
+           "stages.pretrain.micro_batch_size=4",
+           "stages.pretrain.memory={distributed_optimizer: false, recompute: none, "
+           "sequence_parallel: false}"]
     with pytest.raises(RecipeError) as e:
         load_recipe("recipes/nanbeige3b.yaml", gpu + [
             "stages.pretrain.phases=[{name: a, tokens: 1e13, mixture: {web: 1.0}}]"])
