@@ -27,7 +27,8 @@ import sys
 
 from pipeline.graph import build_graph, select_stages
 from pipeline.recipe import RecipeError
-from pipeline.validate import load_recipe
+from pipeline.state import stage_state
+from pipeline.validate import load_recipe, probe_teacher_servers
 
 EXIT_BAD_RECIPE = 2
 
@@ -66,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        # served teachers are asked before a run starts; plan/status work while they are down
-        recipe = load_recipe(args.recipe, args.overrides,
-                             probe_servers=args.command == "run" and not args.dry_run)
+        recipe = load_recipe(args.recipe, args.overrides)
         graph = build_graph(recipe)
         if args.command == "run" and (args.only or args.until):
             graph = select_stages(graph, args.only, args.until)
+        if args.command == "run" and not args.dry_run:  # served teachers of the stages to run
+            todo = {n for n, node in graph.items() if stage_state(node.output_dir).state != "done"}
+            if problems := probe_teacher_servers(recipe, todo):
+                raise RecipeError(problems)
     except RecipeError as e:
         for key, msg in e.problems:
             print(f"error: {key}: {msg}" if key else f"error: {msg}", file=sys.stderr)

@@ -42,9 +42,10 @@ REF_KINDS = {"tokenizer": TOKENIZER_KINDS, "teacher_tokenizer": TOKENIZER_KINDS,
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None,
-                probe_servers: bool = True) -> Recipe:
+                probe_servers: bool = False) -> Recipe:
     """Read, override, check the schema and the semantics; raise RecipeError on any problem.
-    `probe_servers`: also ask every served teacher whether it can teach (HTTP requests)."""
+    `probe_servers`: also ask every served teacher whether it can teach (HTTP requests;
+    `pipeline run` asks only those of the stages it will run, `probe_teacher_servers`)."""
     recipe = read_recipe(path, overrides)
     validate(recipe, probe_servers)
     return recipe
@@ -67,7 +68,7 @@ def validate(recipe: Recipe, probe_servers: bool = False) -> None:
                     for n, c in recipe.stages.items()})
         problems += memory_problems(recipe)  # per-GPU memory against launcher.gpu_memory_gb
         if probe_servers:
-            problems += _probe_teacher_servers(recipe)
+            problems += probe_teacher_servers(recipe)
     if problems:
         raise RecipeError(problems)
 
@@ -147,13 +148,14 @@ def _check_distill(recipe: Recipe, path: str, cfg: DistillConfig) -> list[tuple[
     return problems
 
 
-def _probe_teacher_servers(recipe: Recipe) -> list[tuple[str, str]]:
-    """Each served distill teacher, before anything starts: reachable, serving its model, and
-    tokenizing a probe text as the student's tokenizer does when that tokenizer exists already
-    (a finished tokenizer or import stage, or an adopted model_file); otherwise the job makes
-    the same check before any work."""
+def probe_teacher_servers(recipe: Recipe, only: set[str] | None = None) -> list[tuple[str, str]]:
+    """Each served distill teacher (of the stages in `only`, if given), before anything starts:
+    reachable, serving its model, and tokenizing a probe text as the student's tokenizer does when
+    that tokenizer exists already (a finished tokenizer or import stage, or an adopted
+    model_file); otherwise the job makes the same check before any work."""
     served = {n: c for n, c in recipe.stages.items()
-              if isinstance(c, DistillConfig) and isinstance(c.teacher, TeacherServerConfig)}
+              if isinstance(c, DistillConfig) and isinstance(c.teacher, TeacherServerConfig)
+              and (only is None or n in only)}
     graph = build_graph(recipe) if served else {}
     problems = []
     for name, cfg in served.items():

@@ -84,6 +84,13 @@ def test_an_unreachable_teacher_server_is_one_line_exit_2_and_nothing_starts(tmp
                              "usable: http://127.0.0.1:")
     assert "unreachable" in err[0]
     assert not workdir.exists()
+    # `run --until`/`--only` asks only the servers of the stages it will run
+    from pipeline.validate import probe_teacher_servers
+
+    recipe = load_recipe(TINY, [f"workdir={workdir}", http_teacher(closed_port_url())])
+    assert probe_teacher_servers(recipe, {"tokenizer", "sft"}) == []
+    assert [k for k, _ in probe_teacher_servers(recipe, {"distill"})] == [
+        "stages.distill.teacher.url"]
 
 
 def test_the_driver_probes_the_served_model_and_its_tokenizer(tok, tmp_path):
@@ -91,17 +98,17 @@ def test_the_driver_probes_the_served_model_and_its_tokenizer(tok, tmp_path):
     other = train_tok(tmp_path, "other", 400, seed=7)  # same size, other merges
     with ChatServer(checkpoint=CheckpointBackend(None, other, "teacher")) as server:
         with pytest.raises(RecipeError) as e:
-            load_recipe(TINY, adopt + [http_teacher(server.url, "qwen")])
+            load_recipe(TINY, adopt + [http_teacher(server.url, "qwen")], probe_servers=True)
         assert dict(e.value.problems)["stages.distill.teacher.model"] == (
             f"{server.url} does not serve 'qwen' (it serves 'teacher')")
         with pytest.raises(RecipeError) as e:
-            load_recipe(TINY, adopt + [http_teacher(server.url)])
+            load_recipe(TINY, adopt + [http_teacher(server.url)], probe_servers=True)
         (key, msg), = e.value.problems
         assert key == "stages.distill.teacher"
         assert msg.startswith("the server's tokenizer is not the student's: the probe text is ")
         assert "first difference at token" in msg and "\n" not in msg
     with ChatServer(checkpoint=CheckpointBackend(None, tok, "teacher")) as server:
-        load_recipe(TINY, adopt + [http_teacher(server.url)])  # the same tokenizer: accepted
+        load_recipe(TINY, adopt + [http_teacher(server.url)], probe_servers=True)  # accepted
         assert [r[0] for r in server.requests] == ["/tokenize"]
     # the probe text covers the chat markers as single tokens
     assert all(marker in PROBE_TEXT for marker in ("<|im_start|>", "<|im_end|>", "<think>"))
