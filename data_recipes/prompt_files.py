@@ -25,7 +25,7 @@ def iter_rows(cfg) -> Iterator[tuple[str, dict[str, Any]]]:
         yield from _hf_rows(cfg)
         return
     for path in _files([cfg.path], _PATTERNS[cfg.kind]):
-        yield from (_jsonl_rows if cfg.kind == "jsonl" else _parquet_rows)(path)
+        yield from (jsonl_rows if cfg.kind == "jsonl" else _parquet_rows)(path)
 
 
 def first_row(cfg) -> tuple[str, dict[str, Any]] | None:
@@ -42,7 +42,9 @@ def first_row(cfg) -> tuple[str, dict[str, Any]] | None:
     return next(iter_rows(cfg), None)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, object) of each non-blank line of a jsonl file (.gz too); ValueError naming
+    the line that is not a JSON object."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -18,6 +18,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from data_recipes.prompt_files import jsonl_rows
+
 STOPWORDS = "en"  # bm25s' English list; the index and the queries use the same tokenizer
 
 
@@ -43,21 +45,16 @@ def load_corpus(path: str | os.PathLike) -> list[Document]:
     if not path.is_file():
         raise ValueError(f"corpus: {path} does not exist")
     docs, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"corpus: {path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
-                                                    for k in ("id", "title", "text")):
-                raise ValueError(f"corpus: {path}:{n}: needs string fields id, title, text")
+    try:
+        for where, row in jsonl_rows(path):
+            if not all(isinstance(row.get(k), str) for k in ("id", "title", "text")):
+                raise ValueError(f"{where}: needs string fields id, title, text")
             if row["id"] in seen:
-                raise ValueError(f"corpus: {path}:{n}: id {row['id']!r} appears twice")
+                raise ValueError(f"{where}: id {row['id']!r} appears twice")
             seen.add(row["id"])
             docs.append(Document(row["id"], row["title"], row["text"]))
+    except ValueError as e:
+        raise ValueError(f"corpus: {e}") from None
     if not docs:
         raise ValueError(f"corpus: {path} has no documents")
     return docs
