@@ -139,7 +139,7 @@ def test_sft_and_eval_references_must_point_at_the_right_kinds():
     errors = errors_of(["stages.sft.data=prepare", "stages.eval_base.init=tokenizer",
                         "stages.sft_data.engine=prepare"])
     assert errors == {
-        "stages.sft.data": "'prepare' is a prepare stage; expected a sft_data stage",
+        "stages.sft.data": "'prepare' is a prepare stage; expected a sft_data or sft_tokenize stage",
         "stages.eval_base.init": "'tokenizer' is a tokenizer stage; expected a pretrain or sft "
                                  "or distill or rl or import stage",
         "stages.sft_data.engine": "'prepare' is a prepare stage; expected a pretrain or sft or "
