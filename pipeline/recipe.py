@@ -170,8 +170,9 @@ def _drop_replaced(base: DictConfig, child: DictConfig) -> None:
 
 def _resolve(raw: DictConfig) -> None:
     """Resolve every interpolation in place, reporting each that fails by its key: a recipe says
-    `url: ${oc.env:TEACHER_URL}` where the user must supply a value."""
-    problems: list[tuple[str, str]] = []
+    `url: ${oc.env:TEACHER_URL}` where the user must supply a value. One line per unset variable,
+    naming the first key that uses it (and the others)."""
+    failed: dict[str, list[str]] = {}  # reason -> the keys it stops
 
     def walk(node: DictConfig | ListConfig, path: str) -> None:
         keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
@@ -181,15 +182,17 @@ def _resolve(raw: DictConfig) -> None:
                 try:
                     node[key]
                 except OmegaConfBaseException as e:
-                    problems.append((key_path, _interpolation_reason(e)))
+                    failed.setdefault(_interpolation_reason(e), []).append(key_path)
                 continue
             child = node._get_node(key)
             if isinstance(child, (DictConfig, ListConfig)):
                 walk(child, key_path)
 
     walk(raw, "")
-    if problems:
-        raise RecipeError(problems)
+    if failed:
+        raise RecipeError([(keys[0], reason + (f"; also used by {', '.join(keys[1:])}"
+                                               if keys[1:] else ""))
+                           for reason, keys in failed.items()])
     OmegaConf.resolve(raw)
 
 
