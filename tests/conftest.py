@@ -12,6 +12,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# recipes/nanbeige3b.yaml asks for its teacher and judge endpoints by environment variable; the
+# tests only validate and plan it, which sends nothing (`pipeline run` probes served teachers)
+os.environ.setdefault("NANBEIGE_TEACHER_URL", "http://127.0.0.1:9/v1")
+os.environ.setdefault("NANBEIGE_JUDGE_URL", "http://127.0.0.1:9/v1")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -174,7 +174,14 @@ def _tiny_zen(tmp_path):
     for added in spec["added_tokens"]:  # as in Qwen3: <think> is an added, not a special, token
         added["special"] = added["content"] not in ("<think>", "</think>")
     (tmp_path / "qwen3" / "tokenizer.json").write_text(json.dumps(spec))
-    return [f"workdir={tmp_path / 'runs'}", "model.num_layers=2", "model.hidden_size=32",
+    chats = tmp_path / "chats.jsonl"  # the user's conversations (OpenAI messages)
+    with chats.open("w") as f:
+        for a in range(24):
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"What is {a} + {a % 7}?"},
+                {"role": "assistant", "content": f"Answer: {a + a % 7}"}]}) + "\n")
+    return [f"workdir={tmp_path / 'runs'}", f"stages.chats.datasets.0.source.paths=[{chats}]",
+            "model.num_layers=2", "model.hidden_size=32",
             "model.ffn_hidden_size=88", "model.num_attention_heads=4", "model.num_query_groups=2",
             "model.head_dim=16", "model.rotary_base=1000000", "model.norm_epsilon=1e-6",
             "model.seq_length=24", "stages.export.group_size=8"]
@@ -193,7 +200,7 @@ def test_zen_nano_recipe_validates_plans_and_refuses_bad_exports(tmp_path, monke
         load_recipe("recipes/zen_nano.yaml", tiny)
     monkeypatch.setenv("ZEN_NANO_BASE", str(tmp_path / "qwen3"))
     graph = build_graph(load_recipe("recipes/zen_nano.yaml", tiny))
-    assert [n.kind for n in graph.values()] == ["import", "sft_data", "sft", "eval", "export"]
+    assert [n.kind for n in graph.values()] == ["import", "sft_tokenize", "sft", "eval", "export"]
     assert graph["sft"].config.thinking == graph["eval"].config.thinking == "off"
     assert graph["export"].config.formats == ["gguf_q8_0", "gguf_q4_0", "w4a16"]
     assert main(["plan", "recipes/zen_nano.yaml", *tiny]) == 0
@@ -231,7 +238,7 @@ def test_gguf_writer_refuses_what_it_does_not_know():
 
 @pytest.mark.slow
 def test_zen_nano_runs_on_a_tiny_qwen3(tmp_path, monkeypatch):
-    """The whole recipe as real stage jobs, in graph order (without Ray): import -> sft_data ->
+    """The whole recipe as real stage jobs, in graph order: import -> sft_tokenize ->
     SFT (thinking off) -> eval -> export with GGUF Q8_0/Q4_0 and W4A16, each reloaded and checked
     by the export job itself."""
     from conftest import finish_job, start_job
@@ -241,7 +248,7 @@ def test_zen_nano_runs_on_a_tiny_qwen3(tmp_path, monkeypatch):
     from stages.contract import MANIFEST, read_json, save_spec
 
     tiny = _tiny_zen(tmp_path) + [
-        "model.seq_length=256", "stages.sft_data.prompts.num=24", "stages.sft_data.prompts.max_digits=1",
+        "model.seq_length=256",
         "stages.sft.epochs=1", "stages.sft.global_batch_size=4", "stages.sft.micro_batch_size=2",
         "stages.sft.heldout_samples=4", "stages.sft.lr.warmup_steps=1",
         "stages.sft.model={seq_length: 256}",  # the import says 24 (its max_position_embeddings)

@@ -188,3 +188,28 @@ def test_an_unset_environment_variable_is_a_one_line_error_naming_its_key(write_
     corpus.write_text("some prose\n")
     monkeypatch.setenv("PIPELINE_TEST_CORPUS", str(corpus))
     assert load_recipe(recipe).sources["prose"].paths == [str(corpus)]
+
+
+def test_the_flagship_is_the_whole_recipe_with_an_eval_after_every_training_stage(monkeypatch,
+                                                                                  capsys):
+    from pipeline.graph import build_graph
+
+    graph = build_graph(load_recipe(REPO / "recipes" / "nanbeige3b.yaml"))
+    kinds = [node.kind for node in graph.values()]
+    for kind in ("tokenizer", "prepare", "pretrain", "sft_data", "sft_tokenize", "sft", "distill",
+                 "rl", "eval", "export"):
+        assert kind in kinds, kind
+    assert [n for n in graph if n.startswith("rl.")] == ["rl.stem", "rl.code", "rl.align"]
+    evaluated = {node.config.init for node in graph.values() if node.kind == "eval"}
+    trained = {n for n, node in graph.items() if node.kind in ("pretrain", "sft", "distill", "rl")}
+    assert trained <= evaluated, trained - evaluated
+    assert not isinstance(graph["distill"].config.teacher, str)  # served, not held in the job
+    for sub in ("stem", "code", "align"):  # the paper's filter before each RL sub-stage
+        f = graph[f"rl.{sub}"].config.substages[0].filter
+        assert (f.samples, f.min_pass, f.max_pass) == (16, 0.1, 0.9)
+
+    monkeypatch.delenv("NANBEIGE_JUDGE_URL")
+    assert main(["plan", str(REPO / "recipes" / "nanbeige3b.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: stages.rl.substages[2].reward.judge.url: environment variable NANBEIGE_JUDGE_URL "
+        "is not set (export NANBEIGE_JUDGE_URL=...)")
