@@ -12,23 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import finish_job, start_job
-from data_recipes.arithmetic import iter_arithmetic_documents
-from data_recipes.chat import SPECIAL_TOKENS, Message, encode_chat
+from data_recipes.chat import Message, encode_chat
 from data_recipes.conversations import ConversationsConfig, parse_payload, to_messages
 from data_recipes.sft_pack import build_sequence, pack, plan_packing
 from data_recipes.sft_store import SFTStore, encode_conversations, write_shard
-from data_recipes.tokenizer_loading import SentencePieceTokenizer
-from data_recipes.tokenizer_training import train_sentencepiece
 from stages.configs.data import SFTTokenizeConfig
 from stages.contract import StageSpec, read_json, save_spec, sha256_file
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> SentencePieceTokenizer:
-    prefix = tmp_path_factory.mktemp("tok") / "tok"
-    path = train_sentencepiece([iter_arithmetic_documents(1500, 0, 3)], prefix, 400,
-                               special_tokens=SPECIAL_TOKENS)
-    return SentencePieceTokenizer(path)
+from test_sft import tok  # noqa: F401  (the chat tokenizer fixture SFT's tests train)
 
 
 def conversations(n: int, seed: int = 0) -> list[list[Message]]:
