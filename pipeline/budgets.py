@@ -18,10 +18,10 @@ import math
 from dataclasses import dataclass, field
 
 from pipeline.graph import StageNode
+from pipeline.memory_plan import stage_vocab
 from pipeline.recipe import Recipe
 from stages.configs.data import SFTDataConfig, SFTTokenizeConfig
 from stages.configs.eval import EvalConfig
-from stages.configs.hf import read_hf_config
 from stages.configs.model import ModelConfig, num_params
 from stages.configs.post_training import DistillConfig, SFTConfig
 from stages.configs.rl import RLConfig
@@ -60,11 +60,7 @@ class _Costs:
         self.recipe, self.graph, self.node, self.plan = recipe, graph, node, recipe.plan
         self.gpus = node.launcher.nodes * node.launcher.gpus_per_node
         self.model = ModelConfig(**node.model) if node.model else None
-        self.params = num_params(self.model, self._vocab()) if self.model else 0
-
-    def _vocab(self) -> int:
-        tok = self.graph[self.node.config.tokenizer].config
-        return read_hf_config(tok.path)[1] if tok.kind == "import" else tok.vocab_size
+        self.params = num_params(self.model, stage_vocab(recipe, node.config)) if self.model else 0
 
     def answer_tokens(self, max_new_tokens: int) -> float:
         return max_new_tokens * self.plan.answer_fraction

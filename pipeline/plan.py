@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pipeline.budgets import assumptions, stage_budget
 from pipeline.graph import StageNode
-from pipeline.memory_plan import stage_memory
+from pipeline.memory_plan import stage_memory, stage_vocab
 from pipeline.recipe import Recipe
 from pipeline.state import stage_state
-from stages.configs.hf import read_hf_config
 from stages.configs.model import ModelConfig, num_params, padded_vocab_size
 from stages.configs.pretrain import PretrainConfig
 from schedulers.fg_wsd import pretrain_schedule
@@ -47,11 +46,7 @@ def _pretrain(recipe: Recipe, graph: dict[str, StageNode],
               node: StageNode) -> tuple[list[str], float]:
     cfg: PretrainConfig = node.config
     model = ModelConfig(**node.model)
-    tok = graph[cfg.tokenizer].config
-    if tok.kind == "import":  # an imported model's vocabulary is its config.json's
-        vocab = read_hf_config(tok.path)[1]
-    else:
-        vocab = tok.vocab_size
+    vocab = stage_vocab(recipe, cfg)  # an imported model's vocabulary is its config.json's
     params = num_params(model, vocab)
     schedule = pretrain_schedule(cfg, model)
     out = [f"model: {_human(params)} parameters ({model.num_layers} layers, hidden "
