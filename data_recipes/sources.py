@@ -167,9 +167,17 @@ def missing_paths(source: dict[str, Any]) -> list[str]:
 def iter_documents(source: dict[str, Any]) -> Iterator[str]:
     """Stream the documents of a resolved source dict; empty documents are skipped."""
     cfg = build_source(source)
-    docs = _READERS[cfg.kind](cfg)
+    docs = (_as_text(d) for d in _READERS[cfg.kind](cfg))
     docs = (d for d in docs if isinstance(d, str) and d.strip())
     return itertools.islice(docs, cfg.max_docs) if cfg.max_docs is not None else docs
+
+
+def _as_text(doc: Any) -> Any:
+    """A conversation field (a list of turns, e.g. OpenThoughts' `conversations`: [{from, value}]
+    or OpenAI `messages`: [{role, content}]) is one document: its turns' text, one per paragraph."""
+    if isinstance(doc, list) and doc and all(isinstance(t, dict) for t in doc):
+        return "\n\n".join(str(t.get("value", t.get("content", ""))) for t in doc)
+    return doc
 
 
 # --------------------------------------------------------------------------------------------

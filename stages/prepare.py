@@ -64,6 +64,9 @@ def prepare_source(name: str, source: dict, model_file: str, tokenizer_sha: str,
     counts = tokenize_source_to_indexed(iter_documents(source), model_file, prefix,
                                         docs_per_task, progress=_Progress(name))
     seconds = time.perf_counter() - start
+    if counts["documents"] == 0:  # an empty shard would only fail later, in pretraining's mmap
+        raise ValueError(f"sources.{name}: no documents (an empty file, or `field`/`column` names "
+                         f"no text field of its records)")
     record = {
         "prefix": str(prefix.resolve()), **counts,
         "bin_sha256": sha256_file(f"{prefix}.bin"), "idx_sha256": sha256_file(f"{prefix}.idx"),

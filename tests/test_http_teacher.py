@@ -1,5 +1,5 @@
 """A distillation teacher behind an OpenAI-compatible server (vLLM's API shapes), served here by
-the test server (chat_server.CheckpointBackend) from a pipeline checkpoint.
+the test server (stages.serve.CheckpointBackend) from a pipeline checkpoint.
 
 - The driver refuses, before anything starts (exit 2, one line naming the recipe key), a server
   that is unreachable, does not serve the model, or tokenizes differently from the student.
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from chat_server import ChatServer, CheckpointBackend
+from stages.serve import ChatServer, CheckpointBackend
 from conftest import finish_job, start_job
 from data_recipes.openai_client import PROBE_TEXT, TeacherServer, TeacherServerConfig
 from data_recipes.prompts import PromptsConfig

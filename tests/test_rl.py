@@ -204,7 +204,7 @@ def test_rl_from_a_base_model_with_nothing_in_the_band_passes_the_weights_on(inp
 
 def test_an_http_judge_scores_pairs_and_ranks_rollouts_over_real_http(tmp_path):
     """The judge roles go through the generator interface: the same prompts reach a chat model."""
-    from chat_server import ChatServer
+    from stages.serve import ChatServer
     from data_recipes.backends import build_generator
     from data_recipes.pairs import JudgeScorer, make_pairs
 

@@ -25,7 +25,7 @@ from data_recipes.generators import GeneratorConfig
 from data_recipes.prompts import PromptsConfig
 from stages.configs.data import SFTDataConfig
 from stages.contract import StageSpec, read_json, save_spec
-from tests.chat_server import ChatServer
+from stages.serve import ChatServer
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = load_prompts(PromptsConfig(num=12, seed=5))

@@ -1,4 +1,6 @@
-"""A small OpenAI-compatible chat-completions server on 127.0.0.1 for tests.
+"""A small OpenAI-compatible server: the CPU twin's teacher and judge, and the tests' server.
+
+    python -m stages.serve --stage-dir runs/nanbeige3b_cpu/pretrain-<hash> --port 8765
 
 It speaks the real protocol over real HTTP (POST /v1/chat/completions, JSON in and out); its
 "model" is the arithmetic oracle, playing whichever refinement role the system prompt asks for.
@@ -12,7 +14,11 @@ GET /v1/models; POST /tokenize; POST /v1/completions with a text or token-id pro
 (top-k of each sampled token, keyed by token text) and `prompt_logprobs` (per prompt position
 `{"<id>": {logprob, rank, decoded_token}}`: the top k plus the prompt token itself); and chat
 completions sampled from the checkpoint with our chat template. A backend without a model serves
-only /v1/models and /tokenize (a server that speaks some tokenizer).
+only /v1/models and /tokenize (a server that speaks some tokenizer). `chat="oracle"` keeps the
+chat completions with the oracle while the checkpoint answers /v1/completions: the CPU twin's
+refinement roles and judge need right answers, which no tiny checkpoint gives.
+
+Not a production server (one forward at a time, no batching): on a cluster, serve with vLLM.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from data_recipes import generators as g
@@ -40,13 +47,16 @@ def _section(text: str, name: str) -> str:
 class CheckpointBackend:
     """vLLM's answers, computed by a pipeline checkpoint (or only its tokenizer: model None)."""
 
-    def __init__(self, model, tok, name: str = "teacher", max_model_len: int = 4096):
-        self.model, self.tok, self.name, self.max_model_len = model, tok, name, max_model_len
+    def __init__(self, model, tok, name: str | tuple[str, ...] = "teacher",
+                 max_model_len: int = 4096):
+        self.names = (name,) if isinstance(name, str) else tuple(name)
+        self.name = self.names[0]
+        self.model, self.tok, self.max_model_len = model, tok, max_model_len
         self.lock = threading.Lock()  # one forward at a time
         self.rows_scored = 0
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.name, "object": "model"}]}
+        return {"object": "list", "data": [{"id": n, "object": "model"} for n in self.names]}
 
     def tokenize(self, body: dict) -> dict:
         from data_recipes.chat import encode_text
@@ -126,7 +136,8 @@ class CheckpointBackend:
 
 class ChatServer:
     def __init__(self, draft_error_rate: float = 0.5, stall_s: float = 2.0,
-                 checkpoint: CheckpointBackend | None = None):
+                 checkpoint: CheckpointBackend | None = None, chat: str = "model",
+                 host: str = "127.0.0.1", port: int = 0):
         self.oracle = ArithmeticOracle(GeneratorConfig(error_rate=draft_error_rate, seed=3))
         self.fixer = ArithmeticOracle(GeneratorConfig(error_rate=0.0))
         self.requests: list[tuple[str, str]] = []
@@ -137,6 +148,8 @@ class ChatServer:
         """Every answer takes this long (a slow model, so a test can kill a client mid-run)."""
         self.lock = threading.Lock()
         self.checkpoint = checkpoint
+        self.chat_by_model = checkpoint is not None and checkpoint.model is not None \
+            and chat == "model"
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -169,7 +182,7 @@ class ChatServer:
                 if fail:
                     return self._send(500, {"error": "injected failure"})
                 time.sleep(server.delay_s)
-                if backend is not None:
+                if server.chat_by_model:
                     with server.lock:
                         server.requests.append(("chat", body["messages"][-1]["content"]))
                     text = backend.chat(body)
@@ -189,13 +202,16 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.url = f"http://{host}:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def answer(self, messages: list[dict]) -> str:
-        role = ROLE_OF_SYSTEM[messages[0]["content"]]
-        user = messages[1]["content"]
+        # a refinement role by its system prompt; any other chat (a teacher asked a question) is
+        # answered as a draft of the last user turn
+        role = ROLE_OF_SYSTEM.get(messages[0]["content"], "draft") \
+            if messages[0]["role"] == "system" else "draft"
+        user = [m for m in messages if m["role"] == "user"][-1]["content"]
         with self.lock:
             self.requests.append((role, user))
         if role == "draft":
@@ -229,3 +245,48 @@ class ChatServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the latest checkpoint of a finished stage (its spec names the tokenizer stage)."""
+    import argparse
+
+    from stages.contract import MANIFEST, load_spec, read_json
+    from stages.engine import distributed
+    from stages.engine.checkpoint import checkpoint_model
+    from stages.engine.generate import load_checkpoint_model
+    from stages.engine.tokenizer import tokenizer_of_stage
+
+    p = argparse.ArgumentParser(prog="python -m stages.serve", description=main.__doc__)
+    p.add_argument("--stage-dir", required=True, help="a training stage's output directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--max-model-len", type=int,
+                   help="the longest sequence served (default: the checkpoint's seq_length)")
+    p.add_argument("--name", action="append", help="served model names (default: teacher, judge)")
+    p.add_argument("--chat", choices=("oracle", "model"), default="oracle",
+                   help="who answers chat completions (refinement roles, judge): the arithmetic "
+                        "oracle (default) or the checkpoint")
+    args = p.parse_args(argv)
+    stage = Path(args.stage_dir)
+    if not (stage / MANIFEST).is_file():
+        p.error(f"--stage-dir: {stage} is not a finished stage (no {MANIFEST}); run it first")
+    spec = load_spec(stage / "spec.json")
+    distributed.init()  # one process: megatron's model-parallel groups of size 1
+    tok = tokenizer_of_stage(spec.inputs["tokenizer"])
+    overrides = {"seq_length": args.max_model_len} if args.max_model_len else None
+    model_cfg = checkpoint_model(spec.model, read_json(stage / MANIFEST), overrides)
+    model = load_checkpoint_model(str(stage), model_cfg, tok.vocab_size)
+    backend = CheckpointBackend(model, tok, tuple(args.name or ("teacher", "judge")),
+                                max_model_len=model_cfg.seq_length)
+    with ChatServer(checkpoint=backend, chat=args.chat, host=args.host, port=args.port) as server:
+        print(f"serving {stage.name} as {', '.join(backend.names)} at {server.url} "
+              f"(chat: {args.chat}); Ctrl-C stops", flush=True)
+        try:
+            server.thread.join()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
