@@ -6,8 +6,9 @@
 The model is the tiny recipe's SFT checkpoint (`<run>/sft-*`, its tokenizer `<run>/tokenizer-*`),
 exported with our exporter (stages.engine.hf.exporter, fp32) and loaded by transformers; both run
 fp32 on `--threads` threads in this one process.
-(a) Speed: greedy, `--prompt-len` random-token prompts, no stop token (every row runs to
-    max_new_tokens), batch × new tokens from `--batch` × `--new`; ours is
+(a) Speed: greedy, `--prompt-len` random-token prompts (`--ragged`: 1/2 to 3/2 of it, each
+    engine left-pads), no stop token (every row runs to max_new_tokens), batch × new tokens from
+    `--batch` × `--new`; ours is
     stages.engine.generate.generate (KV cache), theirs `model.generate` (its DynamicCache). The
     engines alternate, `--rounds` times each; the best round of each counts (other jobs on the
     machine only ever slow a round down). `--megatron` adds megatron's StaticInferenceContext
@@ -20,7 +21,9 @@ fp32 on `--threads` threads in this one process.
 (c) Peak RSS of a fresh process generating batch 64 × the largest `--new` (kv path, and the
     megatron path with `--megatron`).
 `--profile` first prints each engine's top operators (torch.profiler, self CPU time) for one
-batch 64 × 128 generation.
+batch 64 × 128 generation; `--speed-only` runs (a) alone (a second timing run); `--cpu-time`
+times (a) by process CPU time, which other jobs on a shared machine barely move (with
+`--threads 1`: more threads add spin-waits to it).
 """
 
 from __future__ import annotations
@@ -95,10 +98,21 @@ def megatron_generate(model, prompts, new: int, vocab: int) -> list[list[int]]:
 
 @torch.no_grad()
 def theirs_generate(hf, prompts, new: int) -> list[list[int]]:
-    ids = torch.tensor(prompts)
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+    """transformers' generate; prompts of different lengths are left-padded (its convention)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=new,
                       do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[:, ids.shape[1]:].tolist()
+    return out[:, longest:].tolist()
+
+
+def bench_prompts(args, b: int, vocab: int, g: torch.Generator) -> list[list[int]]:
+    """b random-token prompts of --prompt-len tokens, or with --ragged of 1/2 to 3/2 of it."""
+    if not args.ragged:
+        return torch.randint(3, vocab, (b, args.prompt_len), generator=g).tolist()
+    lengths = torch.randint(args.prompt_len // 2, args.prompt_len * 3 // 2 + 1, (b,), generator=g)
+    return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in lengths]
 
 
 def engines_of(args, model, hf, vocab: int) -> dict:
@@ -135,14 +149,16 @@ def speed(args, engines: dict, vocab: int) -> list[dict]:
     for b in args.batch:
         for n in args.new:
             g = torch.Generator().manual_seed(b * 1000 + n)
-            prompts = torch.randint(3, vocab, (b, args.prompt_len), generator=g).tolist()
+            prompts = bench_prompts(args, b, vocab, g)
             best = {k: float("inf") for k in engines}
             outs = {}
+            # process CPU time instead of wall time: robust to other jobs on the machine
+            clock = time.process_time if args.cpu_time else time.perf_counter
             for _ in range(args.rounds):
                 for k, run in engines.items():
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     outs[k] = run(prompts, n)
-                    best[k] = min(best[k], time.perf_counter() - t0)
+                    best[k] = min(best[k], clock() - t0)
             row = {"batch": b, "new": n, **{k: b * n / t for k, t in best.items()},
                    "same": sum(a == c for a, c in zip(outs["ours"], outs["transformers"]))}
             rows.append(row)
@@ -229,11 +245,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--new", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--prompt-len", type=int, default=40)
+    ap.add_argument("--ragged", action="store_true",
+                    help="speed on prompts of 1/2 to 3/2 of --prompt-len tokens (left-padded)")
     ap.add_argument("--agree-new", type=int, default=96, help="eval_sft's max_new_tokens")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--megatron", action="store_true", help="also time megatron's static path")
     ap.add_argument("--profile", action="store_true", help="print each engine's top operators")
+    ap.add_argument("--speed-only", action="store_true", help="skip (b) agreement and (c) RSS")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time (a) by process CPU time (use with --threads 1 on a loaded machine)")
     ap.add_argument("--rss-child", choices=["kv", "megatron"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -243,7 +264,7 @@ def main() -> None:
     from stages.engine import distributed
 
     distributed.init(seed=0)
-    model, cfg, tok = load_ours(args.run, args.prompt_len + max(args.new))
+    model, cfg, tok = load_ours(args.run, args.prompt_len * 3 // 2 + max(args.new))
     with tempfile.TemporaryDirectory() as tmp:
         hf = load_theirs(args.run, cfg, Path(tmp) / "hf")
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
@@ -254,23 +275,29 @@ def main() -> None:
             profile(engines, args.prompt_len, tok.vocab_size)
         print("(a) speed, new tokens/s (best of rounds)")
         rows = speed(args, engines, tok.vocab_size)
-        print("(b) greedy agreement on held-out questions")
-        agree = agreement(args, model, hf, tok)
-    print("(c) peak RSS, batch 64")
-    rss = {p: peak_rss(args, p) for p in (["kv", "megatron"] if args.megatron else ["kv"])}
+        agree = None
+        if not args.speed_only:
+            print("(b) greedy agreement on held-out questions")
+            agree = agreement(args, model, hf, tok)
+    rss = {}
+    if not args.speed_only:
+        print("(c) peak RSS, batch 64")
+        rss = {p: peak_rss(args, p) for p in (["kv", "megatron"] if args.megatron else ["kv"])}
     for p, r in rss.items():
         print(f"  {p}: {r['before_mib']:.0f} MiB loaded -> {r['peak_mib']:.0f} MiB peak")
 
     cols = ["ours", "transformers"] + (["megatron"] if args.megatron else [])
     print(f"\nload average {os.getloadavg()[0]:.1f}, {args.threads} threads, fp32, "
-          f"{args.prompt_len}-token prompts, greedy\n")
+          f"{args.prompt_len}-token prompts{' (ragged: 1/2 to 3/2 of it)' if args.ragged else ''}"
+          ", greedy\n")
     print("| batch × new | " + " | ".join(cols) + " | ours / transformers | same outputs |")
     print("|---" * (len(cols) + 3) + "|")
     for r in rows:
         print(f"| {r['batch']} × {r['new']} | " + " | ".join(f"{r[c]:,.0f}" for c in cols)
               + f" | **{r['ours'] / r['transformers']:.2f}** | {r['same']}/{r['batch']} |")
-    print(f"\nheld-out agreement: {agree['same']}/{agree['prompts']} identical, "
-          f"{agree['ties']}/{len(agree['gaps'])} differing ones at a tie ≤ {TIE:g}")
+    if agree:
+        print(f"\nheld-out agreement: {agree['same']}/{agree['prompts']} identical, "
+              f"{agree['ties']}/{len(agree['gaps'])} differing ones at a tie ≤ {TIE:g}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The generator's fast path (stages.engine.kv_decode) is the same model: its logits equal the full
 forward's at every step (prefill, a second prefill chunk, single-token steps; GQA, qk-norm, tied
-embeddings, llama3 RoPE scaling), generate() with it equals megatron's static-cache path and
-transformers' generate on the exported weights token for token, and its cache is sized to the
-longest sequence of the batch.
+embeddings, llama3 RoPE scaling), by the weights or through the modules, and for left-padded rows
+of a ragged batch (each equal to its own unpadded forward); generate() with it equals megatron's
+static-cache path and transformers' generate on the exported weights token for token, and its
+cache is sized to the longest sequence of the batch.
 """
 
 from __future__ import annotations
@@ -49,24 +50,49 @@ def full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     {"rope_scaling": "llama3", "rope_scaling_factor": 8.0, "num_query_groups": 4},
 ])
 def test_fast_path_logits_equal_the_full_forward_at_every_step(megatron_world, variant):
-    from stages.engine.kv_decode import KVDecoder, unsupported_reason
+    from stages.engine.kv_decode import KVDecoder, plain_weights, unsupported_reason
 
     model = build(dataclasses.replace(MODEL, **variant), std=0.05)
-    assert unsupported_reason(model) is None
+    assert unsupported_reason(model) is None and plain_weights(model)
     tokens = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
     want = full_logits(model, tokens)
-    decoder = KVDecoder(model, 3, 40)
     cuts = [0, 9, 14] + list(range(15, 41))  # prefill 9, a second chunk of 5, then one at a time
-    worst = 0.0
-    with torch.no_grad():
+    for direct in (True, False):  # by the weights (the default here), through the modules
+        decoder = KVDecoder(model, 3, 40, direct=direct)
+        worst = 0.0
         for a, b in zip(cuts, cuts[1:]):
             got = decoder.step(tokens[:, a:b])
             worst = max(worst, (got - want[:, b - 1]).abs().max().item())
-    print(f"{variant}: max |fast - full| logit difference {worst:.2e} "
-          f"(logits up to {want.abs().max().item():.1f})")
-    assert worst <= 1e-5
+        print(f"{variant} direct={direct}: max |fast - full| logit difference {worst:.2e} "
+              f"(logits up to {want.abs().max().item():.1f})")
+        assert worst <= 1e-5
     with pytest.raises(ValueError, match="KV cache of 40 positions is full"):
         decoder.step(tokens[:, :1])
+
+
+def test_left_padded_rows_equal_their_own_full_forward(megatron_world):
+    from stages.engine.kv_decode import KVDecoder
+
+    model = build(dataclasses.replace(MODEL, qk_layernorm=True), std=0.05)
+    g = torch.Generator().manual_seed(2)
+    new, lengths = 6, [9, 3, 12, 12]
+    rows = [torch.randint(0, VOCAB, (n + new,), generator=g) for n in lengths]
+    longest = max(lengths)
+    pad = torch.tensor([longest - n for n in lengths])
+    buf = torch.zeros(len(rows), longest + new, dtype=torch.long)  # padding: token 0
+    for i, r in enumerate(rows):
+        buf[i, int(pad[i]):] = r
+    want = [full_logits(model, r[None])[0] for r in rows]
+    for direct in (True, False):
+        decoder = KVDecoder(model, len(rows), longest + new, left_pad=pad, direct=direct)
+        worst = 0.0
+        for a, b in zip([0] + list(range(longest, longest + new)),
+                        range(longest, longest + new + 1)):
+            got = decoder.step(buf[:, a:b])  # the prefill, then one position at a time
+            for i in range(len(rows)):
+                worst = max(worst, (got[i] - want[i][b - 1 - int(pad[i])]).abs().max().item())
+        print(f"direct={direct}: max |padded - own forward| logit difference {worst:.2e}")
+        assert worst <= 1e-5
 
 
 def test_generate_equals_megatron_static_path_and_sizes_the_cache(megatron_world, monkeypatch):
@@ -78,8 +104,8 @@ def test_generate_equals_megatron_static_path_and_sizes_the_cache(megatron_world
     real = kv_decode.KVDecoder
 
     class Recording(real):
-        def __init__(self, gpt, batch, max_len):
-            super().__init__(gpt, batch, max_len)
+        def __init__(self, gpt, batch, max_len, **kw):
+            super().__init__(gpt, batch, max_len, **kw)
             sizes.append([tuple(k.shape) for k, _ in self.cache])
 
     monkeypatch.setattr(kv_decode, "KVDecoder", Recording)
@@ -91,6 +117,12 @@ def test_generate_equals_megatron_static_path_and_sizes_the_cache(megatron_world
     assert generate(model, PROMPTS, greedy, set(), VOCAB) == fast
     assert len(sizes) == 1  # the forced run did not use the fast path
     assert all(len(new) == 12 for new in fast) and len({tuple(n) for n in fast}) > 1
+    # a stop token: both paths cut every row at its first one (the batch ends when all stopped)
+    stop = {fast[0][3], fast[2][5]}
+    cut = generate(model, PROMPTS, greedy, stop, VOCAB)
+    monkeypatch.undo()
+    assert generate(model, PROMPTS, greedy, stop, VOCAB) == cut
+    assert cut[0][-1] in stop and cut[2][-1] in stop and len(cut[0]) <= 4 and len(cut[2]) <= 6
 
 
 def test_generate_agrees_with_transformers_on_the_exported_model(megatron_world, tmp_path):

@@ -4,6 +4,8 @@ checkpoint as teacher and judge (stages/serve.py), then the rest; a rerun skips 
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, default_sigint
 from pipeline.cli import main
 from pipeline.graph import build_graph
 from pipeline.validate import load_recipe
@@ -132,6 +134,9 @@ def test_the_twin_runs_end_to_end_with_an_eval_after_every_stage(twin_run):
     assert manifest("distill")["pairs_kept"] > 0  # DPD trained on the served teacher's answers
     assert manifest("rl.align")["filter_kept"] > 0  # the served judge scored rollouts
     assert (next(workdir.glob("export-*")) / "hf" / "config.json").exists()
+    table = log.split("eval ladder (DAG order):\n", 1)[1].splitlines()
+    evals = [n for n, node in graph.items() if node.kind == "eval"]
+    assert [line.split()[0] for line in table[1:1 + len(evals)]] == evals
 
 
 @pytest.mark.slow
@@ -161,3 +166,32 @@ def test_the_flagship_plans_without_touching_anything_and_dry_runs_every_stage_o
     out = capsys.readouterr().out
     assert out.count("#!/bin/bash") == n and out.count("#SBATCH --job-name=") == n
     assert "\nlocal:" not in out  # every stage is a Slurm job on the cluster
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_pretrain_then_rerun_gives_bitwise_the_same_model(twin_run):
+    """After the run above (it shares it): Ctrl-C of the driver mid-pretraining preempts the job
+    at a checkpoint; a rerun resumes it to bitwise the same parameters."""
+    workdir = twin_run[0]
+    pretrain_dir, = workdir.glob("pretrain-*")
+    expected = json.loads((pretrain_dir / "manifest.json").read_text())["params_sha256"]
+    shutil.rmtree(pretrain_dir)
+    args = [sys.executable, "-m", "pipeline.cli", "run", str(TWIN), f"workdir={workdir}",
+            "--until", "pretrain"]
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=REPO, preexec_fn=default_sigint)
+    ckpts = pretrain_dir / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (ckpts.exists() and any(
+            p.name.startswith("step-") and not p.name.endswith(".tmp") for p in ckpts.iterdir())):
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130, out[-3000:]
+    assert json.loads((pretrain_dir / "exit.json").read_text())["status"] == "preempted"
+    assert not (pretrain_dir / "manifest.json").exists()
+
+    result = pipeline("run", str(TWIN), f"workdir={workdir}", "--until", "pretrain")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "resum" in (pretrain_dir / "job.log").read_text().lower()
+    assert json.loads((pretrain_dir / "manifest.json").read_text())["params_sha256"] == expected

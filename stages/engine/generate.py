@@ -1,14 +1,16 @@
 """Batched sampling from the engine's GPTModel with a KV cache.
 
-One prefill over the shortest prompt of the batch, then one token per step for every sequence:
-a sequence whose prompt is longer than the shortest one is fed its own prompt tokens until its
-prompt is used up (megatron's static-batching text generator does the same). No padding mask is
-needed that way: every row is a plain causal sequence. Sampling: greedy (temperature 0) or
-temperature + top-p, from a seeded generator, so a batch is reproducible.
+Prompts are left-padded to the longest one and the whole batch is prefilled in one forward
+(stages.engine.kv_decode: per-row RoPE positions, padding masked), then every row takes one new
+token per step. Sampling: greedy (temperature 0) or temperature + top-p, from a seeded generator,
+so a batch is reproducible.
 
-The steps run through stages.engine.kv_decode (the model's own submodules, a compact cache sized
-to the batch's longest sequence; why, measured, in its docstring). A model that path does not
-cover (kv_decode.unsupported_reason) runs through megatron's StaticInferenceContext, as before.
+The steps run through stages.engine.kv_decode (the model's own weights, a compact cache sized to
+the batch's longest sequence; why, measured, in its docstring). A model that path does not cover
+(kv_decode.unsupported_reason) runs through megatron's StaticInferenceContext, as before: it has
+one RoPE position per step for the whole batch, so there the prompts are left-aligned, prefilled
+up to the shortest one, and a longer prompt is fed its own tokens one step at a time (megatron's
+static-batching text generator does the same).
 """
 
 from __future__ import annotations
@@ -60,45 +62,49 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set
     lengths = torch.tensor([len(p) for p in prompts])
     if lengths.min() < 1:
         raise ValueError("every prompt needs at least one token")
-    total = int(lengths.max()) + cfg.max_new_tokens
+    longest = int(lengths.max())
+    total = longest + cfg.max_new_tokens
     if total > gpt.max_sequence_length:
-        raise ValueError(f"the longest prompt ({int(lengths.max())} tokens) + max_new_tokens "
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
                          f"({cfg.max_new_tokens}) exceeds the model's seq_length "
                          f"({gpt.max_sequence_length})")
+    fast = unsupported_reason(gpt) is None
+    # where each row's prompt starts and ends in the token buffer
+    starts = longest - lengths if fast else torch.zeros_like(lengths)
     tokens = torch.zeros(b, total, dtype=torch.long)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p)
+        tokens[i, int(starts[i]):int(starts[i]) + len(p)] = torch.tensor(p)
     tokens = tokens.to(device)
+    prompt_ends = (starts + lengths).to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    step = (KVDecoder(gpt, b, total).step if unsupported_reason(gpt) is None
+    step = (KVDecoder(gpt, b, total, left_pad=starts).step if fast
             else _megatron_static_step(gpt, b, total))
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    ends = (lengths + cfg.max_new_tokens).to(device)
-    in_prompt_until = lengths.to(device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    prev = int(lengths.min())
-    logits = step(tokens[:, :prev])
-    for pos in range(prev, total):
-        if pos > prev:
-            logits = step(tokens[:, pos - 1:pos])
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    ends = prompt_ends + cfg.max_new_tokens
+    first, forced_until = int(prompt_ends.min()), int(prompt_ends.max())
+    logits = step(tokens[:, :first])
+    for pos in range(first, total):
         nxt = sample_next(logits[:, :vocab_size], cfg, gen)
-        in_prompt = pos < in_prompt_until
-        nxt = torch.where(in_prompt, tokens[:, pos], nxt)
-        nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+        if pos < forced_until:  # rows still in their prompt (megatron's path) feed it
+            nxt = torch.where(pos < prompt_ends, tokens[:, pos], nxt)
         tokens[:, pos] = nxt
-        done |= ~in_prompt & torch.isin(nxt, stop)
-        done |= pos + 1 >= ends
-        if bool(done.all()):
-            break
+        if len(stop_ids):
+            done |= torch.isin(nxt, stop) & (pos >= prompt_ends) | (pos + 1 >= ends)
+            if bool(done.all()):
+                break
+        if pos + 1 < total:
+            logits = step(tokens[:, pos:pos + 1])
     gpt.train(was_training)
     out = []
-    for i, p in enumerate(prompts):
-        new = tokens[i, len(p):].tolist()
+    for i in range(b):
+        end = int(prompt_ends[i])
+        new = tokens[i, end:end + cfg.max_new_tokens].tolist()
         for j, t in enumerate(new):
             if t in stop_ids:
                 new = new[:j + 1]
                 break
-        out.append(new[:cfg.max_new_tokens])
+        out.append(new)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Incremental decoding of the engine's GPTModel with a compact KV cache, by its own submodules.
+"""Incremental decoding of the engine's GPTModel with a compact KV cache, by its own weights.
 
 Why not megatron-core's inference path (torch.profiler on the tiny recipe's model shape, 2 layers,
 hidden 256, batch 64, 40-token prompts, fp32, 2 threads; figures in bench/README.md, "Generation
@@ -10,14 +10,23 @@ took more CPU time than the weight matmuls, and it grows with the sequence. Mega
 engine (DynamicInferenceContext, paged cache) attends with flash-attn's varlen kernels
 (Attention.flash_decode_and_prefill): CUDA only.
 
-This path runs the same modules with the same weights: the embedding, each layer's input norm,
-its `get_query_key_value_tensors` (the fused qkv projection, qk-norm), its `linear_proj`, its
-bias-dropout-add and its `_forward_mlp`, the final norm and the output layer. What it does itself:
-the RoPE table is built once per batch by the model's own rotary module (its scaling included)
-and applied as megatron applies it; keys and values go into a [batch, groups, length, dim] cache
-sized to the longest sequence of the batch; attention is torch's scaled_dot_product_attention
-(GQA without copying the cache); only the last position goes through the output layer.
-tests/test_generate.py checks that its logits equal the full forward's at every step.
+This path runs the same model on the same weights: the model's norms (input, pre-MLP, qk, final)
+are called as modules; RoPE's table comes from the model's own rotary module (its scaling
+included) once per batch and is applied as megatron applies it; keys and values go into a
+[batch, groups, length, dim] cache sized to the longest sequence of the batch; attention is
+torch's scaled_dot_product_attention (GQA without copying the cache); only the last position goes
+through the output layer. The linear layers (embedding, fused qkv, output projection, SwiGLU MLP,
+output layer) are applied as F.linear/F.embedding on the modules' own weights when they are
+megatron's plain single-rank layers (`plain_weights`): a decode step is ~20 small matmuls, and
+megatron's wrappers (autograd Functions for the tensor-parallel regions around every linear,
+_forward_mlp's bookkeeping) cost ~120 us of Python each, ~2.5 ms of a ~12 ms step at batch 32
+(thread CPU time, tiny recipe model). Any other layer (TransformerEngine's, tensor parallel) is
+called as its module.
+
+Rows may be left-padded (`left_pad`): a row's RoPE positions start at its first real token and
+its queries do not see the padding, so a ragged batch is prefilled in one forward.
+tests/test_generate.py checks that the logits equal the full forward's at every step, padded or
+not, on both the direct-weight and the module path.
 """
 
 from __future__ import annotations
@@ -48,7 +57,35 @@ def unsupported_reason(gpt) -> str | None:
         if type(layer) is not TransformerLayer or \
                 not isinstance(layer.self_attention, SelfAttention):
             return f"layer type {type(layer).__name__}"
+        if hasattr(layer.self_attention, "linear"):  # postnas's super-network (engine.hybrid_spec)
+            return "a super-network layer (its path may be linear)"
     return None
+
+
+def plain_weights(gpt) -> bool:
+    """Whether every linear layer is megatron's plain one on a single tensor-parallel rank with no
+    bias, and every MLP a SwiGLU without clamp or offset: then F.linear on its weight is exactly
+    the module's computation."""
+    from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                               VocabParallelEmbedding)
+    from megatron.core.transformer.mlp import MLP
+
+    c = gpt.config
+    if c.tensor_model_parallel_size != 1 or not c.gated_linear_unit or \
+            c.activation_func is not F.silu or c.glu_linear_offset or \
+            c.activation_func_clamp_value is not None or c.use_te_activation_func or \
+            c.fp32_residual_connection or \
+            type(gpt.embedding.word_embeddings) is not VocabParallelEmbedding:
+        return False
+    linears = [(gpt.output_layer, ColumnParallelLinear)]
+    for layer in gpt.decoder.layers:
+        if type(layer.mlp) is not MLP:
+            return False
+        linears += [(layer.self_attention.linear_qkv, ColumnParallelLinear),
+                    (layer.self_attention.linear_proj, RowParallelLinear),
+                    (layer.mlp.linear_fc1, ColumnParallelLinear),
+                    (layer.mlp.linear_fc2, RowParallelLinear)]
+    return all(type(m) is kind and getattr(m, "bias", None) is None for m, kind in linears)
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -64,13 +101,27 @@ class KVDecoder:
     """Feed tokens [b, s] (the next `s` positions of every row), get the last position's logits.
 
     The cache holds `max_len` positions per row: the longest sequence the caller will build.
+    `left_pad` [b] (optional): how many leading positions of each row are padding; a row's RoPE
+    position is its buffer position minus its padding, and no real position attends to padding.
+    `direct` (default: plain_weights(gpt)) applies the linear layers by their weights.
     """
 
-    def __init__(self, gpt, batch: int, max_len: int):
+    def __init__(self, gpt, batch: int, max_len: int, left_pad: torch.Tensor | None = None,
+                 direct: bool | None = None):
         self.gpt, self.len, self.max_len = gpt, 0, max_len
+        self.direct = plain_weights(gpt) if direct is None else direct
         p = next(gpt.parameters())
         freqs = gpt.rotary_pos_emb(max_len).to(p.device)  # [max_len, 1, 1, rot_dim]
         self.cos, self.sin = torch.cos(freqs).to(p.dtype), torch.sin(freqs).to(p.dtype)
+        self.valid = None  # [b, max_len]: False at padding
+        if left_pad is not None and bool((left_pad > 0).any()):
+            pad = left_pad.to(p.device)
+            positions = torch.arange(max_len, device=p.device)
+            self.valid = positions[None, :] >= pad[:, None]
+            # each row's own positions (RoPE is relative, so a shift changes the logits only by
+            # rounding; these keep the angles of the row's unpadded forward): [max_len, b, 1, rot]
+            rows = (positions[:, None] - pad[None, :]).clamp(min=0)
+            self.cos, self.sin = self.cos[rows, 0], self.sin[rows, 0]
         self.cache = []
         for layer in gpt.decoder.layers:
             a = layer.self_attention
@@ -78,14 +129,52 @@ class KVDecoder:
                      a.hidden_size_per_attention_head)
             self.cache.append((torch.empty(shape, dtype=p.dtype, device=p.device),
                                torch.empty(shape, dtype=p.dtype, device=p.device)))
+        self.output_weight = gpt.shared_embedding_or_output_weight() \
+            if gpt.share_embeddings_and_output_weights else None
+        if self.direct and self.output_weight is None:
+            self.output_weight = gpt.output_layer.weight
 
-    def _attention(self, layer, x: torch.Tensor, cache) -> torch.Tensor:
-        """Self-attention of the new positions x [s, b, h] over the cache; output [s, b, h]."""
+    def _rope_and_mask(self, s: int):
+        """(cos, sin) broadcastable to [s, b, heads, dim], and the attention mask of the new
+        positions (None: plain causal from position 0, or a single step without padding)."""
+        start, end = self.len, self.len + s
+        dev = self.cos.device
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        if s == 1:
+            mask = None if self.valid is None else self.valid[:, None, None, :end]
+        else:
+            mask = None
+            if start or self.valid is not None:
+                mask = (torch.arange(end, device=dev)[None, :]
+                        <= torch.arange(start, end, device=dev)[:, None])
+            if self.valid is not None:  # padding queries see their causal past (finite, unused)
+                mask = mask & (self.valid[:, None, :end] | ~self.valid[:, start:end, None])
+                mask = mask[:, None]
+        return cos, sin, mask
+
+    def _qkv(self, a, x: torch.Tensor):
+        """q [s, b, heads, dim], k and v [s, b, groups, dim], as get_query_key_value_tensors."""
+        if not self.direct:
+            return a.get_query_key_value_tensors(x, None)
+        s, b = x.shape[:2]
+        groups, dim = a.num_query_groups_per_partition, a.hidden_size_per_attention_head
+        per_group = a.num_attention_heads_per_partition // groups
+        mixed = F.linear(x, a.linear_qkv.weight).view(s, b, groups, (per_group + 2) * dim)
+        q, k, v = torch.split(mixed, [per_group * dim, dim, dim], dim=3)
+        q = q.reshape(s, b, -1, dim)
+        if a.q_layernorm is not None:
+            q = a.q_layernorm(q)
+        if a.k_layernorm is not None:
+            k = a.k_layernorm(k)
+        return q, k, v
+
+    def _attention(self, layer, x: torch.Tensor, cache, cos, sin, mask) -> torch.Tensor:
+        """Self-attention of the new positions x [s, b, h] over the cache; output [s, b, h]
+        (before the residual; megatron's linear_proj output)."""
         a = layer.self_attention
-        q, k, v = a.get_query_key_value_tensors(x, None)  # [s, b, heads|groups, dim]
+        q, k, v = self._qkv(a, x)
         s, b = q.shape[:2]
         start, end = self.len, self.len + s
-        cos, sin = self.cos[start:end], self.sin[start:end]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         kc, vc = cache
         kc[:, :, start:end] = k.permute(1, 2, 0, 3)
@@ -95,37 +184,47 @@ class KVDecoder:
         scale = getattr(a.core_attention, "softmax_scale", None) or \
             1.0 / math.sqrt(a.hidden_size_per_attention_head)
         if s == 1:  # decode: the heads of a group share its keys, as rows of one query matrix
-            qg = q.view(b, groups, heads // groups, -1)
-            out = F.scaled_dot_product_attention(qg, keys, values, scale=scale)
+            qg = q.reshape(b, groups, heads // groups, -1)
+            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
             out = out.reshape(1, b, -1)
         else:  # prefill (from position `start`): causal within the new positions
-            mask = None
-            if start:
-                mask = (torch.arange(end, device=q.device)[None, :]
-                        <= torch.arange(start, end, device=q.device)[:, None])
             out = F.scaled_dot_product_attention(
                 q.permute(1, 2, 0, 3), keys, values, attn_mask=mask,
-                is_causal=not start, scale=scale, enable_gqa=heads != groups)
+                is_causal=mask is None, scale=scale, enable_gqa=heads != groups)
             out = out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        if self.direct:
+            return F.linear(out, a.linear_proj.weight)
         return a.linear_proj(out)
 
+    def _layer(self, layer, h: torch.Tensor, cache, cos, sin, mask) -> torch.Tensor:
+        out = self._attention(layer, layer.input_layernorm(h), cache, cos, sin, mask)
+        if not self.direct:
+            h = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(
+                out, h, layer.hidden_dropout)
+            return layer._forward_mlp(h)
+        h = h + out  # bias-dropout-add in eval without bias (residual first, as megatron adds)
+        mlp = layer.mlp
+        gate, up = torch.chunk(F.linear(layer.pre_mlp_layernorm(h), mlp.linear_fc1.weight), 2, -1)
+        return h + F.linear(F.silu(gate) * up, mlp.linear_fc2.weight)
+
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [b, vocab] (the padded vocabulary) after feeding tokens [b, s]."""
         gpt = self.gpt
         b, s = tokens.shape
         if self.len + s > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full")
-        positions = torch.arange(self.len, self.len + s, device=tokens.device).expand(b, -1)
-        h = gpt.embedding(input_ids=tokens, position_ids=positions)  # [s, b, h]
+        if self.direct:  # megatron's embedding: lookup, [s, b, h]; its dropout is off in eval
+            h = F.embedding(tokens.t(), gpt.embedding.word_embeddings.weight)
+        else:
+            h = gpt.embedding(input_ids=tokens, position_ids=None)
+        cos, sin, mask = self._rope_and_mask(s)
         for layer, cache in zip(gpt.decoder.layers, self.cache):
-            residual = h
-            out = self._attention(layer, layer.input_layernorm(h), cache)
-            h = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(
-                out, residual, layer.hidden_dropout)
-            h = layer._forward_mlp(h)
+            h = self._layer(layer, h, cache, cos, sin, mask)
         self.len += s
-        h = gpt.decoder.final_layernorm(h[-1:])
-        weight = gpt.shared_embedding_or_output_weight() \
-            if gpt.share_embeddings_and_output_weights else None
-        logits, _ = gpt.output_layer(h, weight=weight, runtime_gather_output=True)
+        h = gpt.decoder.final_layernorm(h[-1])
+        if self.direct:
+            return F.linear(h, self.output_weight)
+        logits, _ = gpt.output_layer(h[None], weight=self.output_weight,
+                                     runtime_gather_output=True)
         return logits[0]
