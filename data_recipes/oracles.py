@@ -5,6 +5,10 @@ score, prefer) exactly, so SFT data, DPD pairs and RL judges can be built and te
 model. `error_rate` makes a share of their answers wrong on purpose, decided by a hash of (seed,
 role, input), so a rerun makes the same mistakes. `build_oracle` routes every prompt to the
 oracle of its task (arithmetic questions, tiny coding tasks), so one prompt set may mix them.
+
+`tool_trajectories` is the tool-use oracle (Jan-nano's tiny proof): multi-turn conversations
+that answer data_recipes.tool_corpus questions by calling the real tools, the SFT warm start a
+tiny model needs before tool RL.
 """
 
 from __future__ import annotations
@@ -244,3 +248,58 @@ def build_oracle(cfg: GeneratorConfig) -> Generator:
     if cfg.task not in ORACLES:
         raise ValueError(f"task: {cfg.task!r} has no oracle; one of auto, {', '.join(ORACLES)}")
     return ORACLES[cfg.task](cfg)
+
+
+# --- tool-use trajectories ------------------------------------------------------------------------
+
+def tool_trajectories(questions: list[dict], toolbox, system: str | None = None) -> list[dict]:
+    """An oracle conversation per question ({question, answer, doc_ids} of
+    data_recipes.tool_corpus), in Qwen3's tool format as the tool loop renders it: the tools in
+    the system prompt, each call an assistant turn `<tool_call>{...}</tool_call>`, each result a
+    user turn of `<tool_response>` blocks (the real tool's output), then the answer.
+
+    The oracle searches with the question itself; for each document on the path (`doc_ids`: a
+    2-hop question's second one is found by searching its title, read in the first) it visits
+    the document unless the search preview already shows what it needs, and answers once the
+    answer has been shown. {"messages": [...], "calls": n} per question, for sft_tokenize
+    (format: messages)."""
+    import json
+
+    from data_recipes.tools import ToolCall, tool_response_turn
+
+    out = []
+    for q in questions:
+        messages = [{"role": "system", "content": toolbox.system_prompt(system)},
+                    {"role": "user", "content": q["question"]}]
+        seen, calls = "", 0
+
+        def call(name: str, args: dict) -> str:
+            nonlocal calls
+            result = toolbox.run(ToolCall(name, args))
+            if not result.ok:
+                raise GenerationError(f"the tool oracle's own call failed: {result.observation}")
+            body = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+            messages.append({"role": "assistant", "content": f"<tool_call>\n{body}\n</tool_call>"})
+            turn = tool_response_turn([result.observation])  # "<|im_start|>user\n...<|im_end|>\n"
+            messages.append({"role": "user", "content": turn[len("<|im_start|>user\n"):
+                                                             -len("<|im_end|>\n")]})
+            calls += 1
+            return result.observation
+
+        query = q["question"]
+        for hop, doc_id in enumerate(q["doc_ids"]):
+            doc = toolbox.collection.get(doc_id)
+            if hop:  # the next hop is named in what was read
+                query = doc.title
+            found = call("search", {"query": query})
+            last = hop == len(q["doc_ids"]) - 1
+            wanted = q["answer"] if last else toolbox.collection.get(q["doc_ids"][hop + 1]).title
+            seen = found
+            if f"id: {doc_id}\n" not in found or wanted not in found:
+                seen = call("visit", {"id": doc_id})
+        if q["answer"] not in seen:
+            raise GenerationError(f"the tool oracle could not find {q['answer']!r} for "
+                                  f"{q['question']!r}")
+        messages.append({"role": "assistant", "content": q["answer"]})
+        out.append({"messages": messages, "calls": calls})
+    return out

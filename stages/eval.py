@@ -14,6 +14,12 @@ With `benchmarks` (data_recipes.benchmarks: HumanEval built in, GSM8K/MATH-style
 runs with its own template, few-shot examples, sampling and checker; its metrics are logged as
 eval/<name>/<metric>, its answers go to eval_samples-<name>.jsonl, and eval_results.md/.json
 hold one row per benchmark.
+
+With `tools` (the QA eval of a tool-using model, Jan-nano), every prompt is answered greedily
+through the multi-turn tool loop RL trains with (stages.engine.tool_rollout: the tools listed in
+the system prompt, calls run, results forced through the KV cache) and again with no tools
+offered (the plain prompt, one turn): `accuracy_with_tools`, `accuracy_without_tools`, the
+tool counts per answer, and pass@k over `samples` sampled answers with tools.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ def run(spec: StageSpec) -> dict[str, Any]:
         model = load_checkpoint_model(spec.inputs["init"], model_cfg, tok.vocab_size)
         if cfg.benchmarks:
             return run_benchmarks(spec, cfg, model, tok, t0)
+        if cfg.tools is not None:
+            return run_tool_qa(spec, cfg, model, tok, t0)
         tasks, kind = load_tasks(cfg.prompts), cfg.prompts.kind
         _need_answers(tasks, "prompts")
         chats = [t.chat() for t in tasks]
@@ -168,6 +176,65 @@ def run_benchmarks(spec: StageSpec, cfg: EvalConfig, model, tok, t0: float) -> d
     logger.close()
     return {"benchmarks": results, "seconds": time.time() - t0,
             "checkpoint_of": spec.inputs["init"], "results_file": str(spec.out / "eval_results.md")}
+
+
+def run_tool_qa(spec: StageSpec, cfg: EvalConfig, model, tok, t0: float) -> dict[str, Any]:
+    """`prompts` answered with the tools (greedy, then `samples` sampled) and without them."""
+    from data_recipes.tools import build_toolbox
+    from stages.engine.generate import SamplingConfig
+    from stages.engine.tool_rollout import ToolLoop, answers, run_batched, tool_sums
+
+    tasks = load_tasks(cfg.prompts)
+    _need_answers(tasks, "prompts")
+    logger = MetricLogger(spec)
+    progress = Progress(len(tasks) * (2 + cfg.samples), "answers", min_interval_s=30.0)
+    plain = EngineGenerator(model, tok, GeneratorConfig(
+        kind="engine", temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed,
+        batch_size=cfg.batch_size, prompt_format="chat", thinking=cfg.thinking,
+        stop=list(cfg.stop)), progress)
+    toolbox = build_toolbox(cfg.tools, str(spec.out / "tool_index"),
+                            count_tokens=lambda s: len(tok.encode(s)))
+    loop = ToolLoop(toolbox, tok, plain.stop_ids, max_turns=cfg.max_turns,
+                    max_tokens=cfg.max_tokens, max_turn_tokens=cfg.max_new_tokens,
+                    thinking=cfg.thinking)
+    prompts = [loop.encode(t) for t in tasks]
+
+    def with_tools(temperature: float, seed: int):
+        sampling = SamplingConfig(temperature, cfg.top_p, cfg.max_new_tokens, seed)
+        trajs = run_batched(loop, model, prompts, sampling, tok.vocab_size, cfg.batch_size)
+        progress.advance(len(tasks))
+        return trajs, answers(trajs, lambda new: final_text(plain.decode(new), "chat"))
+
+    trajs, greedy = with_tools(0.0, cfg.seed)
+    without = plain.complete([t.chat() for t in tasks])
+    sampled = [with_tools(cfg.temperature, cfg.seed + 1 + j)[1] for j in range(cfg.samples)]
+    progress.close()
+    ok, ok_without = score(tasks, greedy, "chat", "qa"), score(tasks, without, "chat", "qa")
+    per_sample = [score(tasks, s, "chat", "qa") for s in sampled]
+    correct = [sum(s[i] for s in per_sample) for i in range(len(tasks))]
+    result: dict[str, Any] = {
+        "prompts": len(tasks), "accuracy_with_tools": sum(ok) / len(tasks),
+        "accuracy_without_tools": sum(ok_without) / len(tasks),
+        "answered_with_tools": sum(t.answered for t in trajs) / len(tasks),
+        **{k: v / len(tasks) for k, v in tool_sums(trajs).items()}}
+    if cfg.samples:
+        for k in cfg.k:
+            result[f"pass_at_{k}"] = sum(pass_at_k(cfg.samples, c, k) for c in correct) / len(tasks)
+    result["seconds"] = time.time() - t0
+    logger.log(0, {f"eval/{k}": v for k, v in result.items()})
+    table = spec.out / "eval_samples.jsonl"
+    with open(table, "w", encoding="utf-8") as f:
+        for i, t in enumerate(tasks):
+            f.write(json.dumps({"prompt": t.prompt, "answer": t.answer,
+                                "with_tools": tok.decode(trajs[i].tokens), "final": greedy[i],
+                                "correct": ok[i], "without_tools": without[i],
+                                "correct_without_tools": ok_without[i],
+                                "sampled_correct": correct[i]}) + "\n")
+    logger.artifact(table)
+    logger.close()
+    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in result.items()), flush=True)
+    return {**result, "checkpoint_of": spec.inputs["init"], "samples_file": str(table)}
 
 
 def _need_answers(tasks: list[Task], key: str, checker: str | None = None) -> None:

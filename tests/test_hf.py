@@ -312,7 +312,17 @@ def test_hf_tokenizer_in_prepare_and_load_tokenizer(tmp_path):
     assert tok.decode(tok.encode(TEXT)) == TEXT and tok.token_id("<|endoftext|>") == 0
 
 
-def test_jan_nano_recipe_validates_and_pipeline_export_runs(megatron_world, tmp_path):
+def _jan_nano_inputs(tmp_path, monkeypatch) -> None:
+    """The tool corpus and question files recipes/jan_nano.yaml reads from the environment."""
+    from data_recipes.tool_corpus import write_tool_corpus
+
+    corpus, questions = write_tool_corpus(tmp_path / "corpus", seed=0, n_towns=3)
+    for var, value in (("JAN_NANO_CORPUS", corpus), ("JAN_NANO_QUESTIONS", questions),
+                       ("JAN_NANO_EVAL", questions)):
+        monkeypatch.setenv(var, str(value))
+
+
+def test_jan_nano_recipe_validates_and_pipeline_export_runs(megatron_world, tmp_path, monkeypatch):
     """The recipe plans with a tiny Qwen3 in place of Qwen3-4B; a model that differs from the
     checkpoint is refused by name; `pipeline export` (the real job, in a subprocess) writes a dir
     transformers loads with the original's logits."""
@@ -322,13 +332,15 @@ def test_jan_nano_recipe_validates_and_pipeline_export_runs(megatron_world, tmp_
     from pipeline.validate import load_recipe
 
     hf = make_hf_model("qwen3", tmp_path / "qwen3")
+    _jan_nano_inputs(tmp_path, monkeypatch)
     tiny = [f"stages.base.path={tmp_path / 'qwen3'}", f"workdir={tmp_path / 'runs'}",
             "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=88",
             "model.num_attention_heads=4", "model.num_query_groups=2", "model.head_dim=16",
             "model.rotary_base=1000000", "model.norm_epsilon=1e-6", "model.seq_length=24"]
     graph = build_graph(load_recipe("recipes/jan_nano.yaml", tiny))
-    assert [n.kind for n in graph.values()] == ["import", "rl", "export"]  # RL without SFT
-    assert graph["rl.math"].config.init == "base" and graph["export"].config.init == "rl.math"
+    assert [n.kind for n in graph.values()] == ["import", "rl", "rl", "eval", "export"]
+    assert graph["rl.tool_use"].config.init == "base"  # RL without SFT
+    assert graph["export"].config.init == "rl.correctness"
     with pytest.raises(RecipeError, match=r"model: does not match .*hidden_size: recipe 64, "
                                           r"checkpoint 32"):
         load_recipe("recipes/jan_nano.yaml", tiny + ["model.hidden_size=64"])
@@ -366,7 +378,7 @@ LLAMA_32_1B = {
     "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256}
 
 
-def test_published_configs_parse_and_jan_nano_describes_qwen3_4b(tmp_path):
+def test_published_configs_parse_and_jan_nano_describes_qwen3_4b(tmp_path, monkeypatch):
     from pipeline.validate import load_recipe
     from stages.configs.model import num_params
 
@@ -377,6 +389,7 @@ def test_published_configs_parse_and_jan_nano_describes_qwen3_4b(tmp_path):
     assert round(num_params(qwen, vocab) / 1e9, 2) == 4.02  # Qwen3-4B: 4.02B
     (tmp_path / "Qwen3-4B").mkdir()
     write_json_atomic(tmp_path / "Qwen3-4B" / "config.json", QWEN3_4B)
+    _jan_nano_inputs(tmp_path, monkeypatch)
     # validation reads config.json only: the recipe's model must be Qwen3-4B's, unchanged
     load_recipe("recipes/jan_nano.yaml", [f"stages.base.path={tmp_path / 'Qwen3-4B'}"])
 

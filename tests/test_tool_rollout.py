@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from data_recipes.chat import IM_END, IM_START, SPECIAL_TOKENS, Message, encode_prompt, encode_text
+from data_recipes.chat import (EMPTY_THINK, IM_END, IM_START, SPECIAL_TOKENS, Message,
+                               encode_prompt, encode_text)
 from data_recipes.prompts import Task
 from data_recipes.tools import ToolsConfig, build_toolbox, tool_response_turn
 from stages.engine.generate import SamplingConfig
@@ -281,47 +282,202 @@ def test_rollout_logps_equal_the_training_forward_on_a_multi_turn_batch(megatron
 
 
 
-@pytest.mark.slow
-def test_an_rl_substage_with_tools_runs_and_logs_the_tool_metrics(inputs, tmp_path):  # noqa: F811
-    """The stage end to end with `tools`: every rollout goes through the tool loop (the tools
-    listed in the system prompt), the BM25 index is cached in the stage dir, the tool metrics and
-    the masked share are logged per step. (A random model seldom writes a call: the exact
-    multi-turn checks are the scripted ones above.)"""
+def tool_rl_spec(out, inputs, corpus_dir):
+    """A tool-RL sub-stage (3 steps, a checkpoint after each) over a tiny tool corpus."""
     from dataclasses import asdict
 
-    from conftest import finish_job, start_job
     from data_recipes.prompts import PromptsConfig
     from data_recipes.rewards import RewardConfig
     from data_recipes.tool_corpus import write_tool_corpus
     from stages.configs.base import PostTrainingLRConfig
     from stages.configs.rl import GRPOConfig, PassRateFilterConfig, RLConfig, RLSubstageConfig
-    from stages.contract import StageSpec, read_json, save_spec
+    from stages.contract import StageSpec, save_spec
 
-    corpus, questions = write_tool_corpus(tmp_path / "corpus", seed=0, n_towns=3)
+    corpus, questions = write_tool_corpus(corpus_dir, seed=0, n_towns=3)
     sub = RLSubstageConfig(
         name="tools", prompts=PromptsConfig(kind="jsonl", path=str(questions), field="question",
                                             num=4, task="qa_substring"),
         reward=RewardConfig(kind="qa_substring", format_weight=0.2, tool_weight=0.2),
         filter=PassRateFilterConfig(enabled=False), tools=ToolsConfig(corpus=str(corpus)),
         max_turns=3, max_tokens=48,
-        grpo=GRPOConfig(steps=2, prompts_per_step=2, group_size=2, micro_batch_size=4,
+        grpo=GRPOConfig(steps=3, prompts_per_step=2, group_size=2, micro_batch_size=4,
                         max_new_tokens=16, mask_truncated=False,
                         lr=PostTrainingLRConfig(max=1e-3, min=1e-3)))
     cfg = RLConfig(tokenizer="tok", init="student", substages=[sub], seed=3, thinking="off",
-                   model={"seq_length": 1024})
-    out = tmp_path / "rl"
-    spec = save_spec(StageSpec(name="rl.tools", kind="rl", config=asdict(cfg), output_dir=str(out),
-                               inputs={"tokenizer": inputs["tokenizer"], "init": inputs["student"]},
+                   model={"seq_length": 1024}, checkpoint_every=1)
+    return save_spec(StageSpec(name="rl.tools", kind="rl", config=asdict(cfg),
+                               output_dir=str(out),
+                               inputs={"tokenizer": inputs["tokenizer"],
+                                       "init": inputs["student"]},
                                model=asdict(STUDENT)))
-    finish_job(start_job("stages.rl", spec))
-    assert read_json(out / "manifest.json")["final_step"] == 2
+
+
+@pytest.fixture(scope="module")
+def tool_rl_reference(tmp_path_factory, inputs):  # noqa: F811
+    from conftest import finish_job, start_job
+
+    root = tmp_path_factory.mktemp("tool_rl")
+    finish_job(start_job("stages.rl", tool_rl_spec(root / "rl", inputs, root / "corpus")))
+    return root
+
+
+@pytest.mark.slow
+def test_an_rl_substage_with_tools_runs_and_logs_the_tool_metrics(tool_rl_reference):
+    """The stage end to end with `tools`: every rollout goes through the tool loop (the tools
+    listed in the system prompt), the BM25 index is cached in the stage dir, the tool metrics and
+    the masked share are logged per step. (A random model seldom writes a call: the exact
+    multi-turn checks are the scripted ones above.)"""
+    from stages.contract import read_json
+
+    out = tool_rl_reference / "rl"
+    assert read_json(out / "manifest.json")["final_step"] == 3
     assert (out / "tool_index").is_dir()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
-    assert len(steps) == 2
+    assert len(steps) == 3
     for r in steps:
         print({k: v for k, v in r.items() if k.startswith("tools/") or k == "masked_share"})
         assert r["tools/turns"] >= 1 and 0 <= r["masked_share"] <= 1
         assert {"tools/calls", "tools/invalid_calls", "tools/observation_tokens"} <= set(r)
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
-    assert len(rollouts) == 2 * 2 * 2
+    assert len(rollouts) == 3 * 2 * 2
+
+
+@pytest.mark.slow
+def test_tool_rl_substage_resume_after_sigkill_is_bitwise_identical(tool_rl_reference, inputs,  # noqa: F811
+                                                                    tmp_path):
+    """SIGKILL after the first checkpoint, rerun: the same parameters, rewards and rollouts as
+    the uninterrupted run (tool rollouts are seeded per step; the index is rebuilt or reused)."""
+    from conftest import sigkill_at_first_checkpoint_then_rerun
+    from stages.contract import read_json
+
+    spec = tool_rl_spec(tmp_path / "rl", inputs, tmp_path / "corpus")
+    sigkill_at_first_checkpoint_then_rerun("stages.rl", spec)
+    got, want = (read_json(d / "rl" / "manifest.json") for d in (tmp_path, tool_rl_reference))
+    assert got["params_sha256"] == want["params_sha256"]
+    assert got["final"]["reward/mean"] == want["final"]["reward/mean"]
+    rollouts = [(d / "rl" / "rollouts.jsonl").read_text() for d in (tmp_path, tool_rl_reference)]
+    assert rollouts[0] == rollouts[1]
+
+def test_qa_eval_reports_accuracy_with_and_without_tools(megatron_world, toolbox, tmp_path,
+                                                         monkeypatch):
+    """eval with `tools`: the same prompts answered through the tool loop (tools listed in the
+    system prompt) and plainly (no tools offered). The with-tools policy is scripted per
+    question (visit d1 then the right answer; a wrong answer without a call); the plain answers
+    come from a random tiny model (never right)."""
+    import dataclasses
+    import time
+
+    from data_recipes.prompts import PromptsConfig
+    from stages import eval as eval_stage
+    from stages.configs.eval import EvalConfig
+    from stages.contract import StageSpec
+    from stages.engine import generate as generate_module
+    from stages.engine import tool_rollout
+    from test_generate import MODEL, build
+
+    tok = ByteTokenizer()
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        json.dumps({"question": "What is the capital of Freedonia?", "answer": "Parisa"}) + "\n"
+        + json.dumps({"question": "Which way does the Ashen river run?", "answer": "north"}) + "\n")
+    scripts = {"Freedonia": VISIT_D1 + f"Answer: Parisa{IM_END}",
+               "Ashen": f"Answer: south{IM_END}"}
+
+    class PerQuestion(ScriptedLoop):
+        def run(self, gpt, prompts, sampling, vocab_size, decoder=None):
+            texts = [tok.decode(p) for p in prompts]
+            assert all("<tools>" in t and '"name": "visit"' in t for t in texts)
+            self.scripts = [tok.ids(next(s for q, s in scripts.items() if q in t)) for t in texts]
+            return super().run(gpt, prompts, sampling, vocab_size, decoder)
+
+    plain_prompts = []
+
+    def recording_generate(model, prompts, *args):
+        plain_prompts.extend(tok.decode(p) for p in prompts)
+        return real_generate(model, prompts, *args)
+
+    real_generate = generate_module.generate
+    monkeypatch.setattr(tool_rollout, "ToolLoop", PerQuestion)
+    monkeypatch.setattr(generate_module, "generate", recording_generate)
+    cfg = EvalConfig(tokenizer="tok", init="m", thinking="off", samples=1, k=[1],
+                     max_new_tokens=80, batch_size=2, max_turns=3,
+                     prompts=PromptsConfig(kind="jsonl", path=str(questions), field="question",
+                                           task="qa_substring"),
+                     tools=ToolsConfig(corpus=str(tmp_path / "corpus.jsonl")))
+    model = build(dataclasses.replace(MODEL, seq_length=1536))
+    out = tmp_path / "eval"
+    out.mkdir()
+    spec = StageSpec(name="eval", kind="eval", config={}, output_dir=str(out), inputs={"init": "m"})
+    result = eval_stage.run_tool_qa(spec, cfg, model, tok, time.time())
+
+    assert result["accuracy_with_tools"] == 0.5 and result["accuracy_without_tools"] == 0.0
+    assert result["pass_at_1"] == 0.5  # the sampled answers: the same script
+    assert result["answered_with_tools"] == 1.0
+    assert result["tools/calls"] == 0.5 and result["tools/turns"] == 1.5
+    think_off = len(encode_text(tok, EMPTY_THINK))  # thinking off: after the next header too
+    assert result["tools/observation_tokens"] == (len(observation_ids(tok, [D1_PAGE]))
+                                                  + think_off) / 2
+    # the plain answers were asked with no tools offered, once per question
+    assert len(plain_prompts) == 2 and not any("<tools>" in p for p in plain_prompts)
+    rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert [r["correct"] for r in rows] == [True, False]
+    assert [r["final"] for r in rows] == ["Answer: Parisa", "Answer: south"]
+    assert D1_PAGE in rows[0]["with_tools"] and rows[1]["with_tools"] == "Answer: south" + IM_END
+    assert not any(r["correct_without_tools"] for r in rows)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0]["eval/accuracy_with_tools"] == 0.5
+
+
+def test_qa_eval_settings_name_the_key(tmp_path):
+    from stages.configs.eval import EvalConfig
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "title": "t", "text": "x"}) + "\n")
+    tools = ToolsConfig(corpus=str(corpus))
+    with pytest.raises(ValueError, match=r"^max_turns: 0, must be at least 1$"):
+        EvalConfig(tokenizer="t", init="m", tools=tools, max_turns=0)
+    with pytest.raises(ValueError, match=r"^tools: tool calls need prompt_format chat$"):
+        EvalConfig(tokenizer="t", init="m", tools=tools, prompt_format="completion")
+    # the new fields stay out of the hash of an eval without tools (its stage is not rerun)
+    from data_recipes.config_fields import hash_view
+
+    assert not {"tools", "max_turns", "max_tokens"} & set(hash_view(EvalConfig(tokenizer="t",
+                                                                               init="m")))
+
+
+def test_oracle_trajectories_are_what_the_tool_loop_produces(tmp_path):
+    """The SFT warm start (data_recipes.oracles.tool_trajectories) renders, token for token, the
+    sequence the tool loop builds when the policy writes the oracle's assistant turns: the same
+    system prompt, the same tool results spliced in the same template. Only the `<|im_end|>`
+    after a call differs in role: trained in SFT, forced (mask 0) in the rollout."""
+    from data_recipes.chat import encode_chat
+    from data_recipes.oracles import tool_trajectories
+    from data_recipes.tool_corpus import write_tool_corpus
+
+    tok = ByteTokenizer()
+    corpus, questions = write_tool_corpus(tmp_path, seed=1, n_towns=4)
+    box = build_toolbox(ToolsConfig(corpus=str(corpus), top_k=2, preview_chars=100),
+                        str(tmp_path / "index"))
+    qs = [json.loads(line) for line in questions.read_text().splitlines()]
+    convs = tool_trajectories(qs, box)
+    assert [c["calls"] for c in convs] == [1 if q["hops"] == 1 else 3 for q in qs]
+    for q, c in zip(qs, convs):  # the answer was shown to the oracle before it answered
+        assert q["answer"] in c["messages"][-2]["content"]
+        assert c["messages"][-1] == {"role": "assistant", "content": q["answer"]}
+    messages = [[Message(**m) for m in c["messages"]] for c in convs]
+    loop = make_loop(tok, box, [], max_turns=4, max_turn_tokens=400, thinking="off")
+    loop.scripts = [sum((tok.ids(m.content) + ([] if m.content.endswith("</tool_call>")
+                                               else [tok.token_id(IM_END)])
+                         for m in ms[2:] if m.role == "assistant"), []) for ms in messages]
+    prompts = [loop.encode(Task(str(i), q["question"])) for i, q in enumerate(qs)]
+    trajs = loop.run(NoModel(), prompts, SamplingConfig(), VOCAB,
+                     decoder=RecordingDecoder(len(qs)))
+    for ms, p, tr in zip(messages, prompts, trajs):
+        ids, mask = encode_chat(tok, ms, "off")
+        assert p + tr.tokens == ids[:-1]  # (the rendered conversation ends with a newline)
+        assert tr.answered and tr.invalid_calls == 0
+        sft = mask[len(p):len(ids) - 1]
+        differ = [i for i, (a, b) in enumerate(zip(sft, tr.mask)) if a != b]
+        assert all(tr.tokens[i] == tok.token_id(IM_END) and sft[i] and not tr.mask[i]
+                   for i in differ) and len(differ) == tr.calls

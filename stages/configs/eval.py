@@ -9,6 +9,7 @@ from data_recipes.chat import PromptFormat
 from data_recipes.benchmarks import BenchmarkConfig, check_benchmarks
 from data_recipes.config_fields import added, ref, unhashed
 from data_recipes.prompts import PromptsConfig
+from data_recipes.tools import ToolsConfig
 from stages.configs.base import StageConfig
 
 
@@ -35,6 +36,15 @@ class EvalConfig(StageConfig, PromptFormat):
     top_p: float = 0.95
     batch_size: int = unhashed(32)
     seed: int = 0
+    tools: Optional[ToolsConfig] = added(None)
+    """The QA eval with tools (Jan-nano): `prompts` are answered through the multi-turn tool loop
+    (stages.engine.tool_rollout, the tools listed in the system prompt) and again with no tools
+    offered; accuracy with and without tools, tool metrics, pass@k with tools. None: one turn."""
+    max_turns: int = added(5)
+    """tools: assistant turns per answer (a tool call in the last one is not run)."""
+    max_tokens: Optional[int] = added(None)
+    """tools: token budget of an answer after its prompt (sampled and observation tokens); none:
+    up to the model's seq_length. `max_new_tokens` limits each turn."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -42,6 +52,14 @@ class EvalConfig(StageConfig, PromptFormat):
         if self.samples and bad:
             raise ValueError(f"k: {bad} must be between 1 and samples ({self.samples})")
         check_benchmarks(self.benchmarks)
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns: {self.max_turns}, must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens: {self.max_tokens}, must be at least 1")
+        if self.tools is not None and self.prompt_format != "chat":
+            raise ValueError("tools: tool calls need prompt_format chat")
+        if self.tools is not None and self.benchmarks:
+            raise ValueError("tools: the tool loop answers `prompts`; give no benchmarks with it")
         for i, b in enumerate(self.benchmarks):
             samples = self.samples if b.samples is None else b.samples
             bad = [k for k in (self.k if b.k is None else b.k) if not 1 <= k <= max(samples, 1)]

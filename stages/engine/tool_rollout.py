@@ -224,6 +224,32 @@ def build_tool_loop(sub, cfg, tok, out, stop_ids: set[int]) -> Optional[ToolLoop
                     format_weight=sub.reward.format_weight, tool_weight=sub.reward.tool_weight)
 
 
+def run_batched(loop: ToolLoop, model, prompts: list[list[int]], sampling: SamplingConfig,
+                vocab_size: int, batch_size: int, progress=None) -> list[Trajectory]:
+    """`loop.run` over batches of `batch_size` prompts; batch i samples from sampling.seed + i
+    (i: its first prompt's index), so a rerun is the same. `progress`, when given, is updated
+    to the rows done."""
+    trajs: list[Trajectory] = []
+    for i in range(0, len(prompts), batch_size):
+        s = dataclasses.replace(sampling, seed=sampling.seed + i)
+        trajs += loop.run(model, prompts[i:i + batch_size], s, vocab_size)
+        if progress is not None:
+            progress.update(len(trajs))
+    return trajs
+
+
+def answers(trajs: list[Trajectory], final_text) -> list[str]:
+    """What is scored: the last turn's answer text ("" when the rollout ended in a tool call)."""
+    return ["" if tr.ended_in_call else final_text(tr.last_turn) for tr in trajs]
+
+
+def tool_sums(trajs: list[Trajectory]) -> dict[str, float]:
+    """tools/<count> summed over the trajectories (turns, calls, invalid calls, observation
+    tokens)."""
+    return {f"tools/{k}": float(sum(getattr(tr, k) for tr in trajs))
+            for k in ("turns", "calls", "invalid_calls", "observation_tokens")}
+
+
 def tool_rollouts(policy, reward, tasks, g, seed: int, n: int) -> Rollouts:
     """`n` multi-turn rollouts of each task (batch i of the policy seeded seed + i), scored:
     correctness of the last turn's answer + format_weight * format + tool_weight * tool success."""
@@ -231,21 +257,15 @@ def tool_rollouts(policy, reward, tasks, g, seed: int, n: int) -> Rollouts:
     t0 = time.time()
     prompts = [loop.encode(t) for t in tasks for _ in range(n)]
     sampling = SamplingConfig(g.temperature, g.top_p, g.max_new_tokens, seed)
-    trajs: list[Trajectory] = []
-    for i in range(0, len(prompts), policy.batch_size):
-        s = dataclasses.replace(sampling, seed=seed + i)
-        trajs += loop.run(policy.gen.model, prompts[i:i + policy.batch_size], s,
-                          policy.gen.tok.vocab_size)
-        if policy.progress is not None:
-            policy.progress.update(len(trajs))
+    trajs = run_batched(loop, policy.gen.model, prompts, sampling, policy.gen.tok.vocab_size,
+                        policy.batch_size, policy.progress)
     rollout_s = time.time() - t0
-    texts = ["" if tr.ended_in_call else policy.final_text(tr.last_turn) for tr in trajs]
+    texts = answers(trajs, policy.final_text)
     t1 = time.time()
     correct = reward.score(tasks, texts, n)
     rewards = [c + loop.format_weight * tr.format_ok() + loop.tool_weight * tr.tool_success()
                for c, tr in zip(correct, trajs)]
-    sums = {f"tools/{k}": float(sum(getattr(tr, k) for tr in trajs))
-            for k in ("turns", "calls", "invalid_calls", "observation_tokens")}
+    sums = tool_sums(trajs)
     return Rollouts(prompts, [tr.tokens for tr in trajs], texts, rewards,
                     [tr.truncated for tr in trajs], rollout_s, time.time() - t1,
                     masks=[tr.mask for tr in trajs], tool_sums=sums)
