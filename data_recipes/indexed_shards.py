@@ -86,10 +86,8 @@ def tokenize_source_to_indexed(documents: Iterable[str], tokenizer_model_path: s
     model_path = str(Path(tokenizer_model_path).resolve())
     dtype = token_dtype(vocab_size_of(model_path))
     out_prefix, tmp = str(out_prefix), f"{out_prefix}.partial"
-    # Ray runs tasks off the main thread; glibc then gives each thread its own malloc arena and
-    # the freed token lists fragment them: measured 2x the worker memory without this cap
-    encode = ray.remote(num_cpus=1, runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}})(
-        encode_batch)
+    # the workers' malloc arenas are capped on the whole cluster (ray_tasks.WORKER_ENV)
+    encode = ray.remote(num_cpus=1)(encode_batch)
     # two tasks per core: workers never wait on the writer, and memory stays bounded
     max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
 

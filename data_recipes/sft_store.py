@@ -293,9 +293,8 @@ def tokenize_dataset(cfg, tokenizer_manifest: dict, tokenizer_sha: str, store_di
 
     init_ray()
     vocab_size = load_tokenizer(tokenizer_manifest).vocab_size
-    # MALLOC_ARENA_MAX: see data_recipes.indexed_shards (threads' arenas fragment on freed lists)
-    encode = ray.remote(num_cpus=1, runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}})(
-        encode_records)
+    # the workers' malloc arenas are capped on the whole cluster (ray_tasks.WORKER_ENV)
+    encode = ray.remote(num_cpus=1)(encode_records)
     max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     args = (tokenizer_manifest, cfg.format, dict(cfg.fields), thinking)
     key = {"tokenizer_sha256": tokenizer_sha, "thinking": thinking,

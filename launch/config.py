@@ -14,7 +14,8 @@ class LaunchConfig:
     The fields after `gpus_per_node` are read by the Slurm launcher only (launch/slurm.py)."""
 
     kind: str = "local"
-    """local (torchrun subprocess on this machine) | slurm (an sbatch job per stage)."""
+    """local (a subprocess on this machine; torchrun when nproc_per_node > 1) | slurm (an sbatch
+    job per stage)."""
     nproc_per_node: int = 1
     nodes: int = 1
     gpus_per_node: int = 0

@@ -1,12 +1,14 @@
-"""Start a stage job on this machine with torchrun and tell how it ended.
+"""Start a stage job on this machine and tell how it ended.
 
-    torchrun --standalone --nproc-per-node N -m stages.<kind> --spec <output_dir>/spec.json
+    python -m stages.<kind> --spec <output_dir>/spec.json                  (nproc_per_node: 1)
+    torchrun --standalone --nproc-per-node N -m stages.<kind> --spec ...   (N > 1)
 
 The job runs in a new session (its own process group), so a Ctrl-C in the driver's terminal does
 not reach it: the driver decides what to tell it (SIGTERM: checkpoint and stop). stdout and stderr
-go, appended, to `<output_dir>/job.log`; torchrun's pid is in `<output_dir>/job.pid` and each
-worker's in `<output_dir>/workers/<rank>.pid`: a worker can outlive torchrun for a moment (it
-kills itself when torchrun is gone, stages.engine.ownership), and until then it is the job.
+go, appended, to `<output_dir>/job.log`; the started process's pid (torchrun's, or the single
+worker's) is in `<output_dir>/job.pid` and each worker's in `<output_dir>/workers/<rank>.pid`: a
+worker can outlive torchrun for a moment (it kills itself when torchrun is gone,
+stages.engine.ownership), and until then it is the job.
 """
 
 from __future__ import annotations
@@ -39,9 +41,15 @@ class JobResult:
 
 
 def command(spec: StageSpec, launcher: LaunchConfig) -> list[str]:
+    """torchrun for several processes; one process is started as it is. torchrun's agent costs
+    ~2.3 s a job (its own torch import and rendezvous, bench/orchestration.py) and a ~220 MiB
+    process, and a world of one needs none of it: the engine then sets up that world itself
+    (stages.engine.distributed), and the worker is the job (job.pid)."""
+    stage = ["-m", stage_module(spec.kind), "--spec", str(spec.out / "spec.json")]
+    if launcher.nproc_per_node == 1:
+        return [sys.executable, *stage]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={launcher.nproc_per_node}", "--max-restarts=0",
-            "-m", stage_module(spec.kind), "--spec", str(spec.out / "spec.json")]
+            f"--nproc-per-node={launcher.nproc_per_node}", "--max-restarts=0", *stage]
 
 
 def run_job(spec: StageSpec, launcher: LaunchConfig, env: dict[str, str] | None = None) -> JobResult:
@@ -105,8 +113,8 @@ def job_processes(out: Path) -> list:
     for path in pid_files:
         try:
             proc = psutil.Process(int(path.read_text()))
-            if str(out / "spec.json") in " ".join(proc.cmdline()):
-                found.append(proc)
+            if str(out / "spec.json") in " ".join(proc.cmdline()) and proc not in found:
+                found.append(proc)  # a single worker is both job.pid and workers/0.pid
         except (OSError, ValueError, psutil.Error):
             pass
     return found

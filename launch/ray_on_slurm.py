@@ -21,6 +21,7 @@ def start_lines(python: str, port: int) -> list[str]:
         'ray_head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "ray_ip=$(getent ahostsv4 \"$ray_head\" | awk '{print $1; exit}')",
         f"export PIPELINE_RAY_ADDRESS=$ray_ip:{port}",
+        "export MALLOC_ARENA_MAX=2  # every Ray worker's (data_recipes.ray_tasks.WORKER_ENV)",
         f'{step} --nodes=1 -w "$ray_head" {ray} start --head --block --port={port} '
         '--node-ip-address="$ray_ip" --num-cpus=$SLURM_CPUS_ON_NODE --include-dashboard=false &',
         'if [ "$SLURM_NNODES" -gt 1 ]; then',

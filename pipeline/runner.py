@@ -23,8 +23,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from data_recipes.ray_tasks import set_worker_env
 from launch import local, slurm
 from pipeline.graph import StageNode, make_spec
+from pipeline.ladder import format_ladder, ladder_rows
 from pipeline.state import WorkdirLock, set_status, stage_state
 from pipeline.tracking import Tracker, needs_sync
 from launch.config import LaunchConfig
@@ -88,11 +90,16 @@ def run_graph(graph: dict[str, StageNode], make_tracker, *, ray_address: str | N
 
             ray.shutdown()
         ok = all(r["status"] == "done" for r in results.values())
+        rows = ladder_rows(graph)
+        if rows:
+            tracker.log_ladder(rows)
         tracker.finish(ok)
         if not tracker.sync(graph):
             print(f"[tracking] {tracker.uri} is still unreachable: `pipeline sync` sends what it "
                   "has not got, once it answers", file=sys.stderr, flush=True)
         _summary(results)
+        if rows:
+            print("\n" + format_ladder(rows), flush=True)
         if any(r["status"] == "interrupted" for r in results.values()):
             return EXIT_INTERRUPTED
         return 0 if ok else 1
@@ -154,6 +161,8 @@ def _start_ray(ray_address: str | None) -> dict[str, str]:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray_address:
+        set_worker_env()  # the workers' environment, once for the cluster (not per task)
     ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False,
              configure_logging=False, num_cpus=None if ray_address else os.cpu_count())
     return {"PIPELINE_RAY_ADDRESS": ray.get_runtime_context().gcs_address}

@@ -184,6 +184,20 @@ class Tracker:
         path.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.recipe)))
         self.client.log_artifact(self.parent_id, str(path))
 
+    def log_ladder(self, rows: list[dict[str, Any]]) -> None:
+        """The eval ladder (pipeline.ladder) on the parent run: ladder.json and ladder.png."""
+        from pipeline.ladder import plot_ladder
+
+        table = self.workdir / "ladder.json"
+        table.write_text(json.dumps(rows, indent=1))
+        files = [table, plot_ladder(rows, self.workdir / "ladder.png")]
+        if self.online:
+            try:
+                for path in files:
+                    self.client.log_artifact(self.parent_id, str(path))
+            except Exception as e:
+                self._went_offline(e, self.workdir)
+
     def finish(self, ok: bool) -> None:
         status = "FINISHED" if ok else "FAILED"
         if self.online:

@@ -65,3 +65,28 @@ def test_a_second_job_on_a_held_stage_dir_fails_naming_the_holder_and_touches_no
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "pid" in (tmp_path / "job.lock").read_text()
+
+
+def test_one_process_starts_without_torchrun_and_its_exit_codes_reach_the_launcher(tmp_path):
+    """nproc_per_node 1: the worker is started as it is (no torchrun agent) and is the job
+    (job.pid = workers/0.pid); its own exit code and exit.json come back, a done job is done and
+    a failing one fails with its error. Several processes still go through torchrun."""
+    from launch.config import LaunchConfig
+    from launch.local import command, job_processes, run_job
+    from stages.contract import StageSpec, save_spec
+
+    def spec(name, **config):
+        made = StageSpec(name=name, kind="noop", config={"kind": "noop", **config},
+                         output_dir=str(tmp_path / name))
+        save_spec(made)
+        return made
+
+    ok, bad = spec("ok"), spec("bad", fail=True, fail_message="boom")
+    assert command(ok, LaunchConfig())[1:3] == ["-m", "stages.noop"]
+    assert "torch.distributed.run" in command(ok, LaunchConfig(nproc_per_node=2))
+    done = run_job(ok, LaunchConfig())
+    assert done.status == "done", open(done.log).read()
+    assert (ok.out / "job.pid").read_text() == (ok.out / "workers" / "0.pid").read_text()
+    assert job_processes(ok.out) == []  # nothing of it left running
+    failed = run_job(bad, LaunchConfig())
+    assert (failed.status, failed.exit_code, failed.error) == ("failed", 1, "RuntimeError: boom")

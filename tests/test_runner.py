@@ -153,16 +153,16 @@ def test_ray_address_joins_an_existing_cluster(write_recipe, tmp_path):
 
 
 def _wait_for_worker(workdir, stage, timeout=120):
-    """Until torchrun (pid in job.pid) has started the stage's worker process."""
+    """Until the stage's worker process runs (it records itself in workers/0.pid)."""
     import psutil
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         dirs = stage_dirs(workdir) if workdir.exists() else {}
-        pid_file = dirs[stage] / "job.pid" if stage in dirs else None
+        pid_file = dirs[stage] / "workers" / "0.pid" if stage in dirs else None
         if pid_file and pid_file.exists():
             try:
-                if psutil.Process(int(pid_file.read_text())).children():
+                if psutil.Process(int(pid_file.read_text())).is_running():
                     return
             except (ValueError, psutil.Error):
                 pass

@@ -207,3 +207,16 @@ def test_prepare_as_a_job_subprocess(ray_local, tmp_path, tokenizer_stage, sourc
     manifest = read_json(spec.out / MANIFEST)
     assert manifest["kind"] == "prepare" and manifest["shards"]["math"]["documents"] == 400
     assert "math: " in proc.stdout
+
+
+def test_ray_workers_get_the_malloc_cap_from_the_cluster_not_per_task():
+    """A local cluster started for Ray work passes WORKER_ENV (the malloc arena cap) to every
+    worker itself, so tasks need no runtime_env (which kept them off idle workers)."""
+    code = ("import os\nfrom data_recipes.ray_tasks import as_finished\n"
+            "print(list(as_finished(lambda: os.environ.get('MALLOC_ARENA_MAX'), [(), ()])))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MALLOC_ARENA_MAX", "PIPELINE_RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['2', '2']"
