@@ -22,8 +22,9 @@ from pipeline.memory_plan import stage_vocab
 from pipeline.recipe import Recipe
 from stages.configs.data import SFTDataConfig, SFTTokenizeConfig
 from stages.configs.eval import EvalConfig
-from stages.configs.model import ModelConfig, num_params
+from stages.configs.model import ModelConfig, kv_cache_bytes_per_token, num_params
 from stages.configs.post_training import DistillConfig, SFTConfig
+from stages.configs.postnas import PostNASConfig
 from stages.configs.rl import RLConfig
 
 HUMANEVAL_PROBLEMS = 164
@@ -39,7 +40,7 @@ def stage_budget(recipe: Recipe, graph: dict[str, StageNode], node: StageNode) -
     """The budget lines and GPU-hours of a post-training or eval stage (None for other kinds)."""
     cfg = node.config
     for kind, estimate in ((SFTConfig, _sft), (DistillConfig, _distill), (RLConfig, _rl),
-                           (EvalConfig, _eval)):
+                           (EvalConfig, _eval), (PostNASConfig, _postnas)):
         if isinstance(cfg, kind):
             return estimate(_Costs(recipe, graph, node), cfg)
     return None
@@ -147,6 +148,24 @@ def _eval(c: _Costs, cfg: EvalConfig) -> Budget:
         parts.append(f"{cfg.prompts.num:,} prompts x {1 + cfg.samples}")
     return c.finish([f"eval: {_human(generated)} generated tokens ({', '.join(parts)}; greedy + "
                      "samples)"], c.generate_hours(generated))
+
+
+def _postnas(c: _Costs, cfg: PostNASConfig) -> Budget:
+    """Distillation of the super-network (student trained, original scored on the same tokens),
+    then every layout the search scores: the two ends, each layer alone, the beam's candidates."""
+    layers, seq = c.model.num_layers, c.model.seq_length
+    tokens = cfg.steps * cfg.global_batch_size * seq
+    layouts = 2 + layers + cfg.keep_full * cfg.beam * layers
+    scored = layouts * len(cfg.tasks) * cfg.score_samples * seq
+    full_kv = kv_cache_bytes_per_token(c.model)
+    hybrid_kv = full_kv * cfg.keep_full // layers
+    return c.finish([f"super-network: {cfg.steps:,} steps of {cfg.global_batch_size} x {seq} = "
+                     f"{_human(tokens)} tokens distilled",
+                     f"search: <= {layouts:,} layouts x {len(cfg.tasks)} tasks x "
+                     f"{cfg.score_samples} examples",
+                     f"KV cache per token: {full_kv:,} B -> {hybrid_kv:,} B (bf16; {cfg.keep_full} of "
+                     f"{layers} layers full)"],
+                    c.train_hours(tokens, scored=tokens + scored))
 
 
 def _human(n: float) -> str:

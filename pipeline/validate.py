@@ -23,6 +23,7 @@ from schedulers.fg_wsd import check as check_schedule
 from schedulers.mixture import check_weights
 from stages.configs.data import SFTTokenizeConfig, TokenizerConfig
 from stages.configs.post_training import DistillConfig, SFTConfig
+from stages.configs.postnas import PostNASConfig
 from stages.configs.hf import (ExportConfig, ImportConfig, UnsupportedModel,
                                architecture_mismatch, export_problems, read_hf_config)
 from stages.contract import MANIFEST, read_json
@@ -32,12 +33,13 @@ from schedulers.fg_wsd import phase_specs, pretrain_schedule
 
 # Which kind each reference field must point at: by (stage kind, field) first, then by field
 # (fields not listed may point anywhere).
-CHECKPOINT_KINDS = ("pretrain", "sft", "distill", "rl", "import")
+CHECKPOINT_KINDS = ("pretrain", "sft", "distill", "rl", "import", "postnas")
 TOKENIZER_KINDS = ("tokenizer", "import")
 REF_KINDS = {"tokenizer": TOKENIZER_KINDS, "teacher_tokenizer": TOKENIZER_KINDS,
              "data": ("prepare",), "init": CHECKPOINT_KINDS, "engine": CHECKPOINT_KINDS,
              "student": CHECKPOINT_KINDS, "teacher": CHECKPOINT_KINDS, "judge": CHECKPOINT_KINDS,
              ("sft", "data"): ("sft_data", "sft_tokenize"),
+             ("postnas", "init"): ("pretrain", "sft", "distill", "rl", "import"),
              ("sft", "more_data"): ("sft_data", "sft_tokenize")}
 
 
@@ -116,6 +118,9 @@ def _check_stage(recipe: Recipe, name: str, cfg) -> list[tuple[str, str]]:
         problems += _check_distill(recipe, path, cfg)
     if isinstance(cfg, SFTConfig):
         problems += _check_sft_mix(recipe, path, cfg)
+    if isinstance(cfg, PostNASConfig) and cfg.keep_full >= stage_model(recipe, cfg).num_layers:
+        problems.append((f"{path}.keep_full", f"{cfg.keep_full}, must be below the model's "
+                                              f"{stage_model(recipe, cfg).num_layers} layers"))
     if isinstance(cfg, SFTTokenizeConfig) and not cfg.datasets:
         problems.append((f"{path}.datasets", "name at least one conversation dataset (name, "
                                              "source, format)"))

@@ -12,6 +12,7 @@ from stages.configs.data import PrepareConfig, SFTDataConfig, SFTTokenizeConfig,
 from stages.configs.eval import EvalConfig
 from stages.configs.hf import ExportConfig, ImportConfig
 from stages.configs.post_training import DistillConfig, SFTConfig
+from stages.configs.postnas import PostNASConfig
 from stages.configs.pretrain import PretrainConfig
 from stages.configs.rl import RLConfig
 
@@ -26,6 +27,7 @@ STAGE_KINDS: dict[str, type] = {
     "eval": EvalConfig,
     "distill": DistillConfig,
     "rl": RLConfig,
+    "postnas": PostNASConfig,
     "import": ImportConfig,
     "export": ExportConfig,
 }

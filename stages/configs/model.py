@@ -13,6 +13,14 @@ from typing import Optional
 
 from data_recipes.config_fields import added
 
+LAYER_KINDS = ("full", "linear")
+"""What a layer's attention may be: softmax attention with a KV cache, or Jet-Nemotron's
+linear-attention block (stages.engine.linear_attention: gated delta rule, constant state)."""
+LINEAR_CONV_KERNEL = 4
+"""Taps of the linear block's dynamic value convolution (stages.engine.linear_attention)."""
+LINEAR_GENERATOR_REDUCTION = 8
+"""The linear block's kernel generator has hidden_size / this units (JetBlock's)."""
+
 
 @dataclass
 class ModelConfig:
@@ -54,6 +62,9 @@ class ModelConfig:
     yarn_attention_factor: Optional[float] = added()
     """yarn: the factor on q and k (so attention logits get its square); None: transformers'
     and megatron's default 0.1 * ln(rope_scaling_factor) + 1."""
+    layout: Optional[list[str]] = added()
+    """Per layer, its attention: `full` or `linear` (a hybrid model, as the postnas stage writes);
+    None: every layer full."""
 
     def __post_init__(self):
         for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -75,6 +86,18 @@ class ModelConfig:
             raise ValueError(f"rope_scaling_factor: {self.rope_scaling_factor}, must be > 1 "
                              f"for rope_scaling {self.rope_scaling}")
         self._check_yarn()
+        if self.layout is not None:
+            if len(self.layout) != self.num_layers:
+                raise ValueError(f"layout: {len(self.layout)} entries for num_layers "
+                                 f"{self.num_layers}; one per layer")
+            for i, kind in enumerate(self.layout):
+                if kind not in LAYER_KINDS:
+                    raise ValueError(f"layout[{i}]: {kind!r} is not a layer kind; one of "
+                                     f"{', '.join(LAYER_KINDS)}")
+
+    def layer_kinds(self) -> list[str]:
+        """Each layer's attention kind (`full` everywhere without a layout)."""
+        return list(self.layout) if self.layout is not None else ["full"] * self.num_layers
 
     def _check_yarn(self) -> None:
         if self.rope_scaling != "yarn":
@@ -117,9 +140,30 @@ def num_params(model: ModelConfig, vocab_size: int) -> int:
     kv = model.num_query_groups * head_dim
     attention = h * (q + 2 * kv) + q * h  # fused QKV (GQA) + output projection, no biases
     mlp = h * 2 * model.ffn_hidden_size + model.ffn_hidden_size * h  # SwiGLU: gate+up, down
-    per_layer = attention + mlp + 2 * h  # + two RMSNorm weights
     if model.qk_layernorm:
-        per_layer += 2 * head_dim  # one RMSNorm weight shared by all query heads, one for keys
+        attention += 2 * head_dim  # one RMSNorm weight shared by all query heads, one for keys
+    kinds = model.layer_kinds()
+    linear = linear_block_params(model)
+    mixers = sum(attention if k == "full" else linear for k in kinds)
     vocab = padded_vocab_size(vocab_size, model)
     embeddings = vocab * h * (1 if model.tie_embeddings else 2)
-    return layers * per_layer + h + embeddings  # + final norm
+    return mixers + layers * (mlp + 2 * h) + h + embeddings  # + two norms per layer, final norm
+
+
+def linear_block_params(model: ModelConfig) -> int:
+    """Parameters of one linear-attention block (stages.engine.linear_attention.JetBlock)."""
+    h, heads = model.hidden_size, model.num_attention_heads
+    head_dim = model.head_dim or h // heads
+    q, kv = heads * head_dim, model.num_query_groups * head_dim
+    projections = h * (2 * q + 2 * kv + 2 * heads) + q * h  # q, gate, k, v, beta, alpha; out
+    generator = max(h // LINEAR_GENERATOR_REDUCTION, 1)
+    conv = h * generator + generator * kv * LINEAR_CONV_KERNEL + kv * LINEAR_CONV_KERNEL
+    return projections + 2 * heads + head_dim + conv  # + A_log, dt_bias, output norm
+
+
+def kv_cache_bytes_per_token(model: ModelConfig, bytes_per_value: int = 2) -> int:
+    """KV-cache bytes one more token of one sequence costs: K and V of every full layer (a linear
+    layer's state is a constant, independent of the length)."""
+    head_dim = model.head_dim or model.hidden_size // model.num_attention_heads
+    full = model.layer_kinds().count("full")
+    return 2 * full * model.num_query_groups * head_dim * bytes_per_value

@@ -75,13 +75,14 @@ def build_layer_spec(qk_layernorm: bool = False):
 
 
 def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int,
-                memory: MemoryConfig | None = None):
+                memory: MemoryConfig | None = None, layout: list[str] | None = None):
     """The GPTModel for this rank (its pipeline stage, its tensor-parallel shard), on its device.
 
     `max_seq_length` is the longest sequence of any phase (RoPE has no learned positions, so it
     only bounds what the model accepts). `memory`: the stage's recompute / sequence-parallel
-    settings (the trained model's; frozen teachers and references need none). Needs
-    stages.engine.distributed.init() first.
+    settings (the trained model's; frozen teachers and references need none). `layout`: each
+    layer's attention kind when not `model_cfg`'s (stages.engine.hybrid: `super` for postnas's
+    super-network). Needs stages.engine.distributed.init() first.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -91,9 +92,19 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, max_seq_length: int,
     if vocab % tp:
         raise ValueError(f"model.make_vocab_size_divisible_by ({model_cfg.make_vocab_size_divisible_by})"
                          f" must be a multiple of parallel.tensor ({tp})")
+    config = build_transformer_config(model_cfg, memory)
+    kinds = layout or model_cfg.layer_kinds()
+    if set(kinds) == {"full"}:
+        layer_spec = build_layer_spec(model_cfg.qk_layernorm)
+    else:  # per-layer specs: megatron's attention where full, ours elsewhere
+        from stages.engine.hybrid_spec import hybrid_block_spec
+
+        layer_spec = hybrid_block_spec(kinds, model_cfg.qk_layernorm)
+        # layers of different kinds cannot be stacked into one tensor per parameter name
+        config.hetereogenous_dist_checkpoint = True
     model = GPTModel(
-        config=build_transformer_config(model_cfg, memory),
-        transformer_layer_spec=build_layer_spec(model_cfg.qk_layernorm),
+        config=config,
+        transformer_layer_spec=layer_spec,
         vocab_size=vocab,
         max_sequence_length=max_seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
