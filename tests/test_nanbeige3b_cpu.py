@@ -89,8 +89,10 @@ def twin_run(tmp_path_factory):
          "1024", "--port", url.rsplit(":", 1)[1].split("/")[0]],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
-        line = server.stdout.readline()
-        assert line.startswith(f"serving {pretrain.name} as teacher, judge at {url}"), line
+        lines = []  # warnings may come first
+        while not (lines and lines[-1].startswith("serving")) and server.poll() is None:
+            lines.append(server.stdout.readline())
+        assert lines[-1].startswith(f"serving {pretrain.name} as teacher, judge at {url}"), lines
         rest = pipeline("run", str(TWIN), f"workdir={workdir}", env=env)
         seconds = time.monotonic() - start
         assert rest.returncode == 0, rest.stdout[-3000:] + rest.stderr[-3000:]
@@ -134,7 +136,7 @@ def test_the_twin_runs_end_to_end_with_an_eval_after_every_stage(twin_run):
     assert manifest("distill")["pairs_kept"] > 0  # DPD trained on the served teacher's answers
     assert manifest("rl.align")["filter_kept"] > 0  # the served judge scored rollouts
     assert (next(workdir.glob("export-*")) / "hf" / "config.json").exists()
-    table = log.split("eval ladder (DAG order):\n", 1)[1].splitlines()
+    table = log.rsplit("eval ladder (DAG order):\n", 1)[1].splitlines()  # the second run's
     evals = [n for n, node in graph.items() if node.kind == "eval"]
     assert [line.split()[0] for line in table[1:1 + len(evals)]] == evals
 
