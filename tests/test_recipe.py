@@ -141,9 +141,9 @@ def test_sft_and_eval_references_must_point_at_the_right_kinds():
     assert errors == {
         "stages.sft.data": "'prepare' is a prepare stage; expected a sft_data or sft_tokenize stage",
         "stages.eval_base.init": "'tokenizer' is a tokenizer stage; expected a pretrain or sft "
-                                 "or distill or rl or import stage",
+                                 "or distill or rl or import or postnas stage",
         "stages.sft_data.engine": "'prepare' is a prepare stage; expected a pretrain or sft or "
-                                  "distill or rl or import stage"}
+                                  "distill or rl or import or postnas stage"}
 
 
 def test_a_recipe_extends_its_base_recipe(write_recipe, tmp_path, capsys):
