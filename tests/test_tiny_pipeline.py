@@ -106,7 +106,8 @@ def test_mlflow_has_parent_and_nested_runs_with_params_metrics_artifacts(tiny_ru
     assert {r.info.status for r in stages.values()} == {"FINISHED"}
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"recipe.resolved.yaml", "ladder.json", "ladder.png"} <= parent_files
-    ladder = json.loads(client.download_artifacts(parent.info.run_id, "ladder.json"))
+    ladder = json.loads(Path(client.download_artifacts(parent.info.run_id, "ladder.json"))
+                        .read_text())
     evals = [n for n in STAGES if n.startswith("eval_")]
     assert [r["stage"] for r in ladder] == evals  # DAG order
     for row in ladder:
