@@ -45,8 +45,8 @@ class SFTConfig(TrainingConfig):
     def __post_init__(self):
         check_thinking(self.thinking)
         for name, weight in self.mix.items():
-            if not weight >= 0:
-                raise ValueError(f"mix.{name}: {weight}, a weight is 0 or more")
+            if not 0 <= weight <= 1000:  # copies of each sample per epoch
+                raise ValueError(f"mix.{name}: {weight}, a weight is from 0 to 1000")
 
 
 @dataclass
