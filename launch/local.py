@@ -42,7 +42,7 @@ class JobResult:
 
 def command(spec: StageSpec, launcher: LaunchConfig) -> list[str]:
     """torchrun for several processes; one process is started as it is. torchrun's agent costs
-    ~2.3 s a job (its own torch import and rendezvous, bench/orchestration.py) and a ~220 MiB
+    ~4.5 s a job (its own torch import and rendezvous; bench/orchestration.py --only parts) and a ~220 MiB
     process, and a world of one needs none of it: the engine then sets up that world itself
     (stages.engine.distributed), and the worker is the job (job.pid)."""
     stage = ["-m", stage_module(spec.kind), "--spec", str(spec.out / "spec.json")]

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.graph import StageNode
-
-MANIFEST = "manifest.json"
+from stages.contract import MANIFEST
 
 
 def ladder_rows(graph: dict[str, StageNode]) -> list[dict[str, Any]]:
@@ -33,8 +32,13 @@ def ladder_rows(graph: dict[str, StageNode]) -> list[dict[str, Any]]:
     return rows
 
 
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every score name, in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in r["scores"]))
+
+
 def format_ladder(rows: list[dict[str, Any]]) -> str:
-    columns = list(dict.fromkeys(k for r in rows for k in r["scores"]))
+    columns = _columns(rows)
     w = max([len(r["stage"]) + len(r["init"]) + 3 for r in rows] + [5])
     lines = ["eval ladder (DAG order):", f"  {'stage':<{w}} " + " ".join(f"{c:>11}" for c in columns)]
     for r in rows:
@@ -50,7 +54,7 @@ def plot_ladder(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = list(dict.fromkeys(k for r in rows for k in r["scores"]))
+    columns = _columns(rows)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 4))
     x = range(len(rows))
     for c in columns:
