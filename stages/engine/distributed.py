@@ -37,10 +37,10 @@ def _free_port() -> int:
 
 def init(tensor: int = 1, pipeline: int = 1, seed: int = 0) -> DistInfo:
     """Init torch.distributed and Megatron's model-parallel groups, seed every RNG."""
+    compat.apply()  # first: on CPU it is what imports megatron
     from megatron.core import parallel_state
 
     cuda = torch.cuda.is_available()
-    compat.apply()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
