@@ -84,17 +84,15 @@ def test_the_extracted_hybrid_computes_what_its_sub_network_did(megatron_world):
 
 
 def test_hybrid_step_decoding_equals_the_full_forward(megatron_world):
-    """Through megatron's static inference context (what stages.engine.generate runs a model
-    its KV fast path does not cover with): the linear layers keep their state in it."""
+    """Through megatron's static inference context (the generator's fallback path): the linear
+    layers keep their state in it."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    from stages.engine import kv_decode
     from stages.engine.generate import SamplingConfig, generate
     from stages.engine.model import build_model
 
     torch.manual_seed(1)
     model = build_model(HYBRID, VOCAB, 24).eval()
-    assert kv_decode.unsupported_reason(model) is not None
     tokens = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
         full = logits_of(model, tokens)
@@ -110,6 +108,49 @@ def test_hybrid_step_decoding_equals_the_full_forward(megatron_world):
         with torch.no_grad():
             assert t == int(logits_of(model, torch.tensor([seq]))[0, -1, :VOCAB].argmax())
         seq.append(t)
+
+
+def test_hybrid_on_the_kv_fast_path_equals_each_rows_own_full_forward(megatron_world,
+                                                                     monkeypatch):
+    """The KV fast path steps a JetBlock layer by its state; left padding (a ragged batch
+    prefilled at once) must leave each row's logits those of its own unpadded forward."""
+    from stages.engine import kv_decode
+    from stages.engine.model import build_model
+
+    torch.manual_seed(2)
+    model = build_model(HYBRID, VOCAB, 24).eval()
+    assert kv_decode.unsupported_reason(model) is None and kv_decode.plain_weights(model)
+    g = torch.Generator().manual_seed(3)
+    new, lengths = 5, [7, 3, 10, 10]
+    rows = [torch.randint(0, VOCAB, (n + new,), generator=g) for n in lengths]
+    longest = max(lengths)
+    pad = torch.tensor([longest - n for n in lengths])
+    buf = torch.zeros(len(rows), longest + new, dtype=torch.long)  # padding: token 0
+    for i, r in enumerate(rows):
+        buf[i, int(pad[i]):] = r
+    with torch.no_grad():
+        want = [logits_of(model, r[None])[0] for r in rows]
+    for direct in (True, False):
+        decoder = kv_decode.KVDecoder(model, len(rows), longest + new, left_pad=pad,
+                                      direct=direct)
+        worst = 0.0
+        for a, b in zip([0] + list(range(longest, longest + new)),
+                        range(longest, longest + new + 1)):
+            got = decoder.step(buf[:, a:b])  # the prefill, then one position at a time
+            for i in range(len(rows)):
+                worst = max(worst, (got[i] - want[i][b - 1 - int(pad[i])]).abs().max().item())
+        assert worst <= 1e-4, (direct, worst)
+    # the check above can fail: a JetBlock that ignores the padding takes it into its state
+    from stages.engine.linear_attention import JetBlock
+
+    def mix_ignoring_padding(self, x, state=None, valid=None):
+        return mix(self, x, state)
+
+    mix = JetBlock.mix
+    monkeypatch.setattr(JetBlock, "mix", mix_ignoring_padding)
+    got = kv_decode.KVDecoder(model, len(rows), longest + new, left_pad=pad).step(
+        buf[:, :longest])
+    assert (got[1] - want[1][lengths[1] - 1]).abs().max().item() > 1e-3
 
 
 def logits_of_ctx(model, chunk, ctx):

@@ -23,6 +23,9 @@ _forward_mlp's bookkeeping) cost ~120 us of Python each, ~2.5 ms of a ~12 ms ste
 (thread CPU time, tiny recipe model). Any other layer (TransformerEngine's, tensor parallel) is
 called as its module.
 
+Hybrid models (stages.engine.hybrid_spec) run here too: a JetBlock layer keeps its recurrent and
+convolution state instead of a KV cache and steps it by its own `mix`.
+
 Rows may be left-padded (`left_pad`): a row's RoPE positions start at its first real token and
 its queries do not see the padding, so a ragged batch is prefilled in one forward.
 tests/test_generate.py checks that the logits equal the full forward's at every step, padded or
@@ -35,6 +38,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from stages.engine.linear_attention import JetBlock
 
 
 def unsupported_reason(gpt) -> str | None:
@@ -55,7 +60,7 @@ def unsupported_reason(gpt) -> str | None:
         return "an attention variant (flash_decode, interleaved RoPE, MLA, output gate, softmax)"
     for layer in gpt.decoder.layers:
         if type(layer) is not TransformerLayer or \
-                not isinstance(layer.self_attention, SelfAttention):
+                not isinstance(layer.self_attention, (SelfAttention, JetBlock)):
             return f"layer type {type(layer).__name__}"
         if hasattr(layer.self_attention, "linear"):  # postnas's super-network (engine.hybrid_spec)
             return "a super-network layer (its path may be linear)"
@@ -81,9 +86,10 @@ def plain_weights(gpt) -> bool:
     for layer in gpt.decoder.layers:
         if type(layer.mlp) is not MLP:
             return False
-        linears += [(layer.self_attention.linear_qkv, ColumnParallelLinear),
-                    (layer.self_attention.linear_proj, RowParallelLinear),
-                    (layer.mlp.linear_fc1, ColumnParallelLinear),
+        if not isinstance(layer.self_attention, JetBlock):  # its torch linears run as modules
+            linears += [(layer.self_attention.linear_qkv, ColumnParallelLinear),
+                        (layer.self_attention.linear_proj, RowParallelLinear)]
+        linears += [(layer.mlp.linear_fc1, ColumnParallelLinear),
                     (layer.mlp.linear_fc2, RowParallelLinear)]
     return all(type(m) is kind and getattr(m, "bias", None) is None for m, kind in linears)
 
@@ -125,6 +131,9 @@ class KVDecoder:
         self.cache = []
         for layer in gpt.decoder.layers:
             a = layer.self_attention
+            if isinstance(a, JetBlock):  # its (recurrent state, conv cache), set by the prefill
+                self.cache.append([None])
+                continue
             shape = (batch, a.num_query_groups_per_partition, max_len,
                      a.hidden_size_per_attention_head)
             self.cache.append((torch.empty(shape, dtype=p.dtype, device=p.device),
@@ -196,8 +205,19 @@ class KVDecoder:
             return F.linear(out, a.linear_proj.weight)
         return a.linear_proj(out)
 
+    def _linear_attention(self, block, x: torch.Tensor, cache: list) -> torch.Tensor:
+        """A JetBlock layer's mixer over the new positions x [s, b, h]: its state carries the
+        past, so nothing grows with the sequence. Padding (only ever in the prefill) is skipped."""
+        valid = None if self.valid is None else self.valid[:, self.len:self.len + x.shape[0]]
+        out, cache[0] = block.mix(x.transpose(0, 1), cache[0], valid)
+        out = out.transpose(0, 1)
+        return out if self.direct else (out, None)  # the module path's (output, bias)
+
     def _layer(self, layer, h: torch.Tensor, cache, cos, sin, mask) -> torch.Tensor:
-        out = self._attention(layer, layer.input_layernorm(h), cache, cos, sin, mask)
+        if isinstance(layer.self_attention, JetBlock):
+            out = self._linear_attention(layer.self_attention, layer.input_layernorm(h), cache)
+        else:
+            out = self._attention(layer, layer.input_layernorm(h), cache, cos, sin, mask)
         if not self.direct:
             h = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(
                 out, h, layer.hidden_dropout)

@@ -178,13 +178,19 @@ class JetBlock(nn.Module):
             ctx.key_value_memory_dict[self.layer_number] = new_state
         return out.transpose(0, 1).contiguous(), None
 
-    def mix(self, x, state=None):
+    def mix(self, x, state=None, valid=None):
         """x [b, s, h]; state (recurrent [b, H, dk, dv], conv cache [b, W-1, kv dim]) or None.
-        Returns (out [b, s, h], new state). One position: the recurrence; more: the chunks."""
+        Returns (out [b, s, h], new state). One position: the recurrence; more: the chunks.
+        valid [b, s] (bool, optional): False at left padding, which then leaves the state as it
+        is (no write, no decay) and enters the convolution as zeros, as before a sequence start."""
         b, s, _ = x.shape
         rec, conv = state if state is not None else (None, None)
         kernels = self.conv_w2(F.silu(self.conv_w1(x))).view(b, s, -1, CONV_KERNEL)
-        v, conv = dynamic_causal_conv(self.v_proj(x), kernels, conv)
+        v_in = self.v_proj(x)
+        keep = None if valid is None else valid[..., None].to(v_in.dtype)  # [b, s, 1]
+        if keep is not None:
+            v_in = v_in * keep
+        v, conv = dynamic_causal_conv(v_in, kernels, conv)
         rep = self.heads // self.groups
         q = F.normalize(F.silu(self.q_proj(x)).view(b, s, self.heads, -1), dim=-1, eps=1e-6)
         k = F.normalize(F.silu(self.k_proj(x)).view(b, s, self.groups, -1), dim=-1, eps=1e-6)
@@ -192,6 +198,8 @@ class JetBlock(nn.Module):
         k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
         beta = torch.sigmoid(self.b_proj(x).float())
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        if keep is not None:
+            beta, g = beta * keep.float(), g * keep.float()
         rule = recurrent_gated_delta_rule if s == 1 else chunk_gated_delta_rule
         o, rec = rule(q, k, v, g, beta, rec)
         o = self.out_norm(o.to(x.dtype)) * F.silu(self.g_proj(x).view(b, s, self.heads, -1))
