@@ -66,6 +66,13 @@ class _Costs:
     def answer_tokens(self, max_new_tokens: int) -> float:
         return max_new_tokens * self.plan.answer_fraction
 
+    def tool_answer_tokens(self, max_new_tokens: int, max_turns: int,
+                           max_tokens: int | None) -> float:
+        """A tool-loop answer: up to `max_turns` turns of `max_new_tokens`, within its token
+        budget (default the model's sequence), observations included; the same answer fraction."""
+        budget = max_tokens or (self.model.seq_length if self.model else max_new_tokens)
+        return min(max_turns * max_new_tokens, budget) * self.plan.answer_fraction
+
     def train_hours(self, trained: float, scored: float = 0.0) -> float:
         flops = 6.0 * self.params * trained + 2.0 * self.params * scored
         return flops / (self.plan.gpu_peak_tflops * 1e12 * self.plan.mfu) / 3600
@@ -123,6 +130,8 @@ def _distill(c: _Costs, cfg: DistillConfig) -> Budget:
 def _rl(c: _Costs, cfg: RLConfig) -> Budget:
     (sub,) = cfg.substages  # the loader made every sub-stage its own stage
     g, answer = sub.grpo, c.answer_tokens(sub.grpo.max_new_tokens)
+    if sub.tools is not None:
+        answer = c.tool_answer_tokens(g.max_new_tokens, sub.max_turns, sub.max_tokens)
     filtered = sub.prompts.num * sub.filter.samples * answer if sub.filter.enabled else 0
     rollouts = g.steps * g.prompts_per_step * g.group_size * answer
     trained = rollouts * g.updates_per_batch
@@ -143,7 +152,13 @@ def _eval(c: _Costs, cfg: EvalConfig) -> Budget:
         tokens = problems * (1 + samples) * c.answer_tokens(b.max_new_tokens or cfg.max_new_tokens)
         generated += tokens
         parts.append(f"{b.name} {problems:,} x {1 + samples}")
-    if not cfg.benchmarks:
+    if not cfg.benchmarks and cfg.tools is not None:  # with tools, then once more without
+        with_tools = c.tool_answer_tokens(cfg.max_new_tokens, cfg.max_turns, cfg.max_tokens)
+        generated = cfg.prompts.num * ((1 + cfg.samples) * with_tools +
+                                       c.answer_tokens(cfg.max_new_tokens))
+        parts.append(f"{cfg.prompts.num:,} prompts x {1 + cfg.samples} with tools "
+                     f"(up to {cfg.max_turns} turns) + 1 without")
+    elif not cfg.benchmarks:
         generated = cfg.prompts.num * (1 + cfg.samples) * c.answer_tokens(cfg.max_new_tokens)
         parts.append(f"{cfg.prompts.num:,} prompts x {1 + cfg.samples}")
     return c.finish([f"eval: {_human(generated)} generated tokens ({', '.join(parts)}; greedy + "

@@ -128,3 +128,29 @@ def test_export_adds_yarn_to_a_checkpoint_trained_without_it(megatron_world, tmp
     assert (native_logits - theirs).abs().max() > 1e-2  # YaRN is in the export, not a no-op
     with pytest.raises(ValueError, match="rope_scaling: recipe 'yarn', checkpoint None"):
         export_stage(tmp_path / "import", tmp_path / "import", yarn, tmp_path / "out2")
+
+
+def test_plan_counts_every_tool_turn_and_the_evals_pass_without_tools(jan_nano_env):
+    """A tool-loop answer is up to max_turns x max_new_tokens within max_tokens, and the QA eval
+    answers once more without tools (redone here from the recipe's own numbers)."""
+    from pipeline.budgets import _human, stage_budget
+    from pipeline.graph import build_graph
+
+    recipe = load_recipe(RECIPE, jan_nano_env)
+    graph = build_graph(recipe)
+    plan = recipe.plan
+    node = graph["rl.tool_use"]
+    sub = node.config.substages[0]
+    per_rollout = min(sub.max_turns * sub.grpo.max_new_tokens,
+                      sub.max_tokens or node.model["seq_length"]) * plan.answer_fraction
+    rollouts = sub.grpo.steps * sub.grpo.prompts_per_step * sub.grpo.group_size * per_rollout
+    assert f"= {_human(rollouts)} rollout tokens" in stage_budget(recipe, graph, node).lines[1]
+    ev = graph["eval"].config
+    with_tools = min(ev.max_turns * ev.max_new_tokens, ev.max_tokens or
+                     graph["eval"].model["seq_length"]) * plan.answer_fraction
+    generated = ev.prompts.num * ((1 + ev.samples) * with_tools +
+                                  ev.max_new_tokens * plan.answer_fraction)
+    line = stage_budget(recipe, graph, graph["eval"]).lines[0]
+    assert "with tools" in line and "+ 1 without" in line
+    assert stage_budget(recipe, graph, graph["eval"]).gpu_hours == pytest.approx(
+        generated / plan.rollout_tokens_per_gpu_s / 3600, rel=1e-9)
