@@ -233,8 +233,13 @@ def _check_pretrain(recipe: Recipe, path: str, cfg: PretrainConfig) -> list[tupl
     batches = [(f"{path}.global_batch_size", cfg.global_batch_size)] + [
         (f"{path}.phases[{i}].global_batch_size", p.global_batch_size)
         for i, p in enumerate(cfg.phases) if p.global_batch_size]
+    if cfg.micro_batch_size < 1:
+        problems.append((f"{path}.micro_batch_size", f"{cfg.micro_batch_size}, must be at least 1"))
+        batches = []
     for key, gbs in batches:
-        if gbs % cfg.micro_batch_size:
+        if gbs < 1:
+            problems.append((key, f"{gbs}, must be at least 1"))
+        elif gbs % cfg.micro_batch_size:
             problems.append((key, f"{gbs} is not a multiple of micro_batch_size {cfg.micro_batch_size}"))
     if not cfg.phases:
         problems.append((f"{path}.phases", "give at least one phase (name, tokens, mixture)"))

@@ -62,6 +62,17 @@ def test_phase_budget_inconsistent_with_the_schedule():
     assert "exceed the phases' total" in errors["stages.pretrain.lr.decay_tokens"]
 
 
+def test_batch_sizes_below_one_are_key_errors_not_a_division_by_zero():
+    # found by the recipe fuzz: global_batch_size 0 divided the phases' tokens by zero
+    for recipe in (TINY, REPO / "recipes" / "nanbeige3b.yaml"):
+        assert errors_of(["stages.pretrain.global_batch_size=0"], recipe) == {
+            "stages.pretrain.global_batch_size": "0, must be at least 1"}
+    assert errors_of(["stages.pretrain.micro_batch_size=0"]) == {
+        "stages.pretrain.micro_batch_size": "0, must be at least 1"}
+    assert errors_of(["stages.pretrain.phases.4.global_batch_size=-8"]) == {
+        "stages.pretrain.phases[4].global_batch_size": "-8, must be at least 1"}
+
+
 def test_mixture_change_outside_constant_lr():
     errors = errors_of(["stages.pretrain.lr.decay_tokens=122880"])  # decay from step 100
     assert "inside the LR decay" in errors["stages.pretrain.phases[4].mixture"]
