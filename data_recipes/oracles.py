@@ -252,7 +252,8 @@ def build_oracle(cfg: GeneratorConfig) -> Generator:
 
 # --- tool-use trajectories ------------------------------------------------------------------------
 
-def tool_trajectories(questions: list[dict], toolbox, system: str | None = None) -> list[dict]:
+def tool_trajectories(questions: list[dict], toolbox, system: str | None = None,
+                      answer_template: str = "{answer}") -> list[dict]:
     """An oracle conversation per question ({question, answer, doc_ids} of
     data_recipes.tool_corpus), in Qwen3's tool format as the tool loop renders it: the tools in
     the system prompt, each call an assistant turn `<tool_call>{...}</tool_call>`, each result a
@@ -261,8 +262,9 @@ def tool_trajectories(questions: list[dict], toolbox, system: str | None = None)
     The oracle searches with the question itself; for each document on the path (`doc_ids`: a
     2-hop question's second one is found by searching its title, read in the first) it visits
     the document unless the search preview already shows what it needs, and answers once the
-    answer has been shown. {"messages": [...], "calls": n} per question, for sft_tokenize
-    (format: messages)."""
+    answer has been shown. `answer_template` words the final turn (e.g. "The answer is {answer}.":
+    the answer then follows a space as it does in the documents, so a tiny model copies the same
+    tokens). {"messages": [...], "calls": n} per question, for sft_tokenize (format: messages)."""
     import json
 
     from data_recipes.tools import ToolCall, tool_response_turn
@@ -300,6 +302,7 @@ def tool_trajectories(questions: list[dict], toolbox, system: str | None = None)
         if q["answer"] not in seen:
             raise GenerationError(f"the tool oracle could not find {q['answer']!r} for "
                                   f"{q['question']!r}")
-        messages.append({"role": "assistant", "content": q["answer"]})
+        messages.append({"role": "assistant",
+                         "content": answer_template.format(answer=q["answer"])})
         out.append({"messages": messages, "calls": calls})
     return out
