@@ -76,16 +76,23 @@ def _mul_steps(a: int, b: int) -> list[str]:
     return steps
 
 
-def make_problem(rng: random.Random, max_digits: int) -> dict:
-    """One random problem: {question, steps, answer, a, op, b}; operands have 1..max_digits digits."""
+def make_problem(rng: random.Random, max_digits: int, ops: str = "+-*") -> dict:
+    """One random problem: {question, steps, answer, a, op, b}; operands have 1..max_digits digits,
+    the operator is one of `ops`."""
     if max_digits < 1:
         raise ValueError(f"max_digits must be >= 1, got {max_digits}")
-    op = rng.choice(OPS)
+    check_ops(ops)
+    op = rng.choice(ops)
     a = _number(rng, rng.randint(1, max_digits))
     b = _number(rng, rng.randint(1, max_digits))
     if op == "-" and a < b:  # keep answers non-negative so column borrowing always ends cleanly
         a, b = b, a
     return {"question": f"What is {a} {op} {b}?", **_solution(a, op, b), "a": a, "op": op, "b": b}
+
+
+def check_ops(ops: str) -> None:
+    if not ops or any(op not in OPS for op in ops) or len(set(ops)) != len(ops):
+        raise ValueError(f"ops: must be distinct operators from {''.join(OPS)!r}, got {ops!r}")
 
 
 def _solution(a: int, op: str, b: int) -> dict:
@@ -110,10 +117,11 @@ def render(problem: dict) -> str:
                       f"Answer: {problem['answer']}"])
 
 
-def iter_arithmetic_documents(num_docs: int, seed: int, max_digits: int) -> Iterator[str]:
+def iter_arithmetic_documents(num_docs: int, seed: int, max_digits: int,
+                              ops: str = "+-*") -> Iterator[str]:
     rng = random.Random(seed)
     for _ in range(num_docs):
-        yield render(make_problem(rng, max_digits))
+        yield render(make_problem(rng, max_digits, ops))
 
 
 def check_answer(question_text: str, answer_text: str) -> bool:

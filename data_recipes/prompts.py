@@ -44,6 +44,8 @@ class PromptsConfig:
     seed: int = 0
     """Generated sets: the generator's seed; mix: the order the sets' prompts are interleaved."""
     max_digits: int = 2
+    ops: str = added("+-*")
+    """arithmetic: the operators questions draw from."""
     path: Optional[str] = None
     """jsonl, parquet: a file or a directory of them."""
     field: str = "prompt"
@@ -86,6 +88,7 @@ class PromptsConfig:
             raise ValueError(f"task: {self.task!r} is not a checker; one of {', '.join(TASKS)}")
         if self.num < 1:
             raise ValueError(f"num: {self.num}, must be at least 1")
+        arithmetic.check_ops(self.ops)
         if self.weight <= 0:
             raise ValueError(f"weight: {self.weight}, must be > 0")
         if self.case_seconds <= 0 or self.case_memory_mb <= 0:
@@ -201,7 +204,7 @@ def _arithmetic(cfg: PromptsConfig) -> list[Prompt]:
     tries = 0
     while len(seen) < cfg.num and tries < 50 * cfg.num + 1000:
         tries += 1
-        text = arithmetic.make_problem(rng, cfg.max_digits)["question"]
+        text = arithmetic.make_problem(rng, cfg.max_digits, cfg.ops)["question"]
         if text not in seen and in_heldout(text, cfg.heldout_fraction) == want_heldout:
             seen[text] = Prompt(text_id(text), text)
     return list(seen.values())

@@ -21,6 +21,7 @@ from pipeline.recipe import Recipe, RecipeError
 from launch.config import LaunchConfig
 from stages.configs.model import ModelConfig
 from data_recipes.config_fields import hash_view, ref_fields, unhashed_fields
+from data_recipes.sources import build_source
 from stages.contract import StageSpec
 
 HASH_LEN = 8
@@ -119,8 +120,9 @@ def stage_hash(node: StageNode, upstream: dict[str, str]) -> str:
     for key, dep in node.refs.items():
         config[key] = upstream[dep]  # an edge hashes as the upstream's content, not its name
     model = hash_view(ModelConfig(**node.model)) if node.model else {}  # added model fields too
+    sources = {name: hash_view(build_source(s)) for name, s in node.sources.items()}
     blob = json.dumps({"kind": node.kind, "config": config, "model": model,
-                       "sources": node.sources}, sort_keys=True, default=str)
+                       "sources": sources}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -117,6 +117,19 @@ def test_max_digits_validated():
         make_problem(random.Random(0), 0)
 
 
+def test_ops_limit_the_operators_and_keep_the_default_stream():
+    rng = random.Random(3)
+    ops = {make_problem(rng, 2, "+-")["op"] for _ in range(300)}
+    assert ops == {"+", "-"}
+    # the default draws exactly what it drew before `ops` existed (recipes' data must not move)
+    rng = random.Random(5)
+    assert [make_problem(rng, 3)["question"] for _ in range(4)] == [
+        "What is 55 * 961?", "What is 642 * 7?", "What is 153 + 1?", "What is 79 - 41?"]
+    for bad in ("", "+/", "++"):
+        with pytest.raises(ValueError, match="ops: must be distinct operators"):
+            make_problem(random.Random(0), 2, bad)
+
+
 def test_step_checker_catches_a_wrong_step():
     """The checker above is only worth something if a corrupted step fails it."""
     rng = random.Random(0)

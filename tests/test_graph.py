@@ -52,6 +52,13 @@ def test_fields_that_do_not_change_outputs_do_not_change_the_hash():
                   "launcher.nproc_per_node=2", "workdir=runs/tiny") == base
 
 
+def test_a_new_source_option_at_its_default_keeps_every_hash():
+    base = hashes()
+    assert hashes('sources.arithmetic.ops="+-*"') == base  # `ops` came after runs existed
+    changed = hashes('sources.arithmetic.ops="+-"')
+    assert changed["prepare"] != base["prepare"] and changed["tokenizer"] != base["tokenizer"]
+
+
 def test_edges_hash_by_upstream_content_not_name(write_recipe):
     a = write_recipe("""
         name: x
