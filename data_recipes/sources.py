@@ -23,7 +23,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from data_recipes.arithmetic import iter_arithmetic_documents
+from data_recipes.arithmetic import check_ops, iter_arithmetic_documents
+from data_recipes.config_fields import added
+from data_recipes.recall import recall_documents
 
 MISSING: Any = "???"  # OmegaConf's marker for a value the recipe must give
 
@@ -117,10 +119,35 @@ class ArithmeticSource:
     """Operands have 1..max_digits digits."""
     quality: str = "general"
     max_docs: Optional[int] = None
+    ops: str = added("+-*")
+    """The operators problems draw from (e.g. "+-": addition and subtraction only)."""
 
     def __post_init__(self):
         if self.max_digits < 1:
             raise ValueError(f"max_digits: must be >= 1, got {self.max_digits}")
+        check_ops(self.ops)
+
+
+@dataclass
+class RecallSource:
+    """Generated key-value recall documents (see data_recipes.recall): retrieval that needs
+    attention, e.g. in the pretraining mix of a base that postnas turns into a hybrid."""
+
+    kind: str = "recall"
+    num_docs: int = 10_000
+    seed: int = 0
+    pairs: int = 6
+    """Key=value pairs listed per document (1 to 26: the keys are distinct letters)."""
+    queries: int = 1
+    """Keys asked per document, each followed by its value (drawn at random, repeats allowed)."""
+    quality: str = "general"
+    max_docs: Optional[int] = None
+
+    def __post_init__(self):
+        if not 1 <= self.pairs <= 26:
+            raise ValueError(f"pairs: must be 1 to 26 (distinct letters), got {self.pairs}")
+        if self.queries < 1:
+            raise ValueError(f"queries: must be >= 1, got {self.queries}")
 
 
 SOURCE_KINDS: dict[str, type] = {
@@ -130,6 +157,7 @@ SOURCE_KINDS: dict[str, type] = {
     "hf": HFSource,
     "stdlib": StdlibSource,
     "arithmetic": ArithmeticSource,
+    "recall": RecallSource,
 }
 
 
@@ -288,7 +316,11 @@ def _read_stdlib(cfg: StdlibSource) -> Iterator[str]:
 
 
 def _read_arithmetic(cfg: ArithmeticSource) -> Iterator[str]:
-    return iter_arithmetic_documents(cfg.num_docs, cfg.seed, cfg.max_digits)
+    return iter_arithmetic_documents(cfg.num_docs, cfg.seed, cfg.max_digits, cfg.ops)
+
+
+def _read_recall(cfg: RecallSource) -> Iterator[str]:
+    return recall_documents(cfg.seed, cfg.num_docs, cfg.pairs, cfg.queries)
 
 
 _READERS = {
@@ -298,4 +330,5 @@ _READERS = {
     "hf": _read_hf,
     "stdlib": _read_stdlib,
     "arithmetic": _read_arithmetic,
+    "recall": _read_recall,
 }

@@ -114,6 +114,20 @@ def test_arithmetic_source():
     assert docs == list(iter_documents(src))
 
 
+def test_recall_source_lists_pairs_then_asks_them():
+    src = {"kind": "recall", "num_docs": 20, "seed": 3, "pairs": 4, "queries": 6}
+    docs = list(iter_documents(src))
+    assert len(docs) == 20 and docs == list(iter_documents(src))
+    for doc in docs:
+        head, asked = doc.removeprefix("recall: ").split(" ; ")
+        listing = dict(p.split("=") for p in head.split())
+        answers = [p.split("=") for p in asked.split()]
+        assert len(listing) == 4 and len(answers) == 6
+        assert all(listing[k] == v for k, v in answers)  # each asked key's own value
+    with pytest.raises(ValueError, match=r"^pairs: must be 1 to 26 \(distinct letters\), got 27$"):
+        build_source({**src, "pairs": 27})
+
+
 def test_validation_errors_name_the_key():
     with pytest.raises(ValueError, match="unknown source kind 'csv'"):
         list(iter_documents({"kind": "csv"}))
