@@ -25,7 +25,7 @@ from stages.configs.model import ModelConfig
 from stages.configs.postnas import PostNASConfig
 from stages.contract import StageSpec, read_json, save_spec
 from stages.engine.layout_search import (Layout, Scores, beam_search, exhaustive_search,
-                                         importance_table)
+                                         importance_table, worst_placement)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=88, num_attention_heads=4,
@@ -53,8 +53,17 @@ def test_beam_search_finds_the_best_placement_and_traces_its_rounds():
     assert {r["round"] for r in trace} == {1, 2}
     table = importance_table(scores)
     assert [round(r["a"], 6) for r in table] == [0.1, 0.9, 0.3, 0.5]
-    # rescaled: all-linear is 0 and all-full is 1 for each task, then averaged
-    assert scores.combined(Layout()) == 0 and scores.combined(Layout(range(4))) == 1
+    # rescaled: all-linear 0, all-full +1 on "a" (full is better) and -1 on "b" (full is worse)
+    assert scores.combined(Layout()) == 0 and scores.combined(Layout(range(4))) == 0
+
+
+def test_where_all_linear_beats_all_full_a_better_score_still_ranks_higher():
+    # held-out loss can favour all-linear (postnas's bench saw it); the rescale must not invert
+    losses = {frozenset(): 1.47, frozenset({0}): 1.57, frozenset({1}): 1.49, frozenset({2}): 1.48,
+              frozenset(range(3)): 1.64}
+    scores = Scores(lambda full: {"loss": -losses[frozenset(full)]}, 3)
+    assert sorted(exhaustive_search(scores, 1)) == [2]  # the lowest loss of the placements
+    assert sorted(worst_placement(scores, 1)) == [0]
 
 
 def test_a_beam_of_one_can_miss_what_a_wider_beam_finds():

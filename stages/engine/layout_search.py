@@ -3,7 +3,8 @@
 A layout is named by the set of layers that keep full attention (the others are linear). `score`
 maps such a set to {task: score}, higher is better for every task; the search ranks layouts by
 `combined`: each task's score rescaled so all-linear is 0 and all-full is 1 (the share of the
-gap the layout recovers), averaged over the tasks, so tasks on different scales weigh alike.
+gap the layout recovers; -1 where all-full scores below all-linear), averaged over the tasks, so
+tasks on different scales weigh alike.
 Plain Python: the caller scores with whatever model it has (and caches, as `Scores` does).
 """
 
@@ -38,7 +39,9 @@ class Scores:
         parts = []
         for task, value in got.items():
             gap = self.high[task] - self.low[task]
-            parts.append((value - self.low[task]) / gap if gap else value - self.low[task])
+            # by the gap's size, not its sign: where all-linear beats all-full on a task (a
+            # held-out loss can), a higher score must still rank higher
+            parts.append((value - self.low[task]) / abs(gap) if gap else value - self.low[task])
         return sum(parts) / len(parts)
 
 
