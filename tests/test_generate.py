@@ -70,27 +70,36 @@ def test_fast_path_logits_equal_the_full_forward_at_every_step(megatron_world, v
         decoder.step(tokens[:, :1])
 
 
-def test_left_padded_rows_equal_their_own_full_forward(megatron_world):
+def padded_decode_error(model, forward, lengths: list[int], new: int, seed: int,
+                        direct: bool | None = None, vocab: int = VOCAB) -> float:
+    """Rows of `lengths` tokens (+ `new` more each), left-padded into one batch, prefilled at once
+    and then decoded a position at a time by KVDecoder: the largest logit difference from each
+    row's own unpadded `forward` (tokens [1, n] -> logits [n, vocab])."""
     from stages.engine.kv_decode import KVDecoder
 
-    model = build(dataclasses.replace(MODEL, qk_layernorm=True), std=0.05)
-    g = torch.Generator().manual_seed(2)
-    new, lengths = 6, [9, 3, 12, 12]
-    rows = [torch.randint(0, VOCAB, (n + new,), generator=g) for n in lengths]
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, vocab, (n + new,), generator=g) for n in lengths]
     longest = max(lengths)
     pad = torch.tensor([longest - n for n in lengths])
     buf = torch.zeros(len(rows), longest + new, dtype=torch.long)  # padding: token 0
     for i, r in enumerate(rows):
         buf[i, int(pad[i]):] = r
-    want = [full_logits(model, r[None])[0] for r in rows]
+    with torch.no_grad():
+        want = [forward(r[None]) for r in rows]
+    decoder = KVDecoder(model, len(rows), longest + new, left_pad=pad, direct=direct)
+    worst = 0.0
+    for a, b in zip([0] + list(range(longest, longest + new)), range(longest, longest + new + 1)):
+        got = decoder.step(buf[:, a:b])  # the prefill, then one position at a time
+        for i in range(len(rows)):
+            worst = max(worst, (got[i] - want[i][b - 1 - int(pad[i])]).abs().max().item())
+    return worst
+
+
+def test_left_padded_rows_equal_their_own_full_forward(megatron_world):
+    model = build(dataclasses.replace(MODEL, qk_layernorm=True), std=0.05)
     for direct in (True, False):
-        decoder = KVDecoder(model, len(rows), longest + new, left_pad=pad, direct=direct)
-        worst = 0.0
-        for a, b in zip([0] + list(range(longest, longest + new)),
-                        range(longest, longest + new + 1)):
-            got = decoder.step(buf[:, a:b])  # the prefill, then one position at a time
-            for i in range(len(rows)):
-                worst = max(worst, (got[i] - want[i][b - 1 - int(pad[i])]).abs().max().item())
+        worst = padded_decode_error(model, lambda t: full_logits(model, t)[0], [9, 3, 12, 12],
+                                    new=6, seed=2, direct=direct)
         print(f"direct={direct}: max |padded - own forward| logit difference {worst:.2e}")
         assert worst <= 1e-5
 

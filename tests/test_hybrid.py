@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stages.configs.model import ModelConfig, kv_cache_bytes_per_token, num_params
+from test_generate import padded_decode_error
 
 BASE = ModelConfig(num_layers=3, hidden_size=32, ffn_hidden_size=88, num_attention_heads=4,
                    num_query_groups=2, seq_length=24)
@@ -120,25 +121,13 @@ def test_hybrid_on_the_kv_fast_path_equals_each_rows_own_full_forward(megatron_w
     torch.manual_seed(2)
     model = build_model(HYBRID, VOCAB, 24).eval()
     assert kv_decode.unsupported_reason(model) is None and kv_decode.plain_weights(model)
-    g = torch.Generator().manual_seed(3)
-    new, lengths = 5, [7, 3, 10, 10]
-    rows = [torch.randint(0, VOCAB, (n + new,), generator=g) for n in lengths]
-    longest = max(lengths)
-    pad = torch.tensor([longest - n for n in lengths])
-    buf = torch.zeros(len(rows), longest + new, dtype=torch.long)  # padding: token 0
-    for i, r in enumerate(rows):
-        buf[i, int(pad[i]):] = r
-    with torch.no_grad():
-        want = [logits_of(model, r[None])[0] for r in rows]
+
+    def own(tokens):
+        return logits_of(model, tokens)[0]
+
     for direct in (True, False):
-        decoder = kv_decode.KVDecoder(model, len(rows), longest + new, left_pad=pad,
-                                      direct=direct)
-        worst = 0.0
-        for a, b in zip([0] + list(range(longest, longest + new)),
-                        range(longest, longest + new + 1)):
-            got = decoder.step(buf[:, a:b])  # the prefill, then one position at a time
-            for i in range(len(rows)):
-                worst = max(worst, (got[i] - want[i][b - 1 - int(pad[i])]).abs().max().item())
+        worst = padded_decode_error(model, own, [7, 3, 10, 10], new=5, seed=3, direct=direct,
+                                    vocab=VOCAB)
         assert worst <= 1e-4, (direct, worst)
     # the check above can fail: a JetBlock that ignores the padding takes it into its state
     from stages.engine.linear_attention import JetBlock
@@ -148,9 +137,7 @@ def test_hybrid_on_the_kv_fast_path_equals_each_rows_own_full_forward(megatron_w
 
     mix = JetBlock.mix
     monkeypatch.setattr(JetBlock, "mix", mix_ignoring_padding)
-    got = kv_decode.KVDecoder(model, len(rows), longest + new, left_pad=pad).step(
-        buf[:, :longest])
-    assert (got[1] - want[1][lengths[1] - 1]).abs().max().item() > 1e-3
+    assert padded_decode_error(model, own, [7, 3, 10, 10], new=5, seed=3, vocab=VOCAB) > 1e-3
 
 
 def logits_of_ctx(model, chunk, ctx):
