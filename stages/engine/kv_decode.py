@@ -120,8 +120,10 @@ class KVDecoder:
         freqs = gpt.rotary_pos_emb(max_len).to(p.device)  # [max_len, 1, 1, rot_dim]
         self.cos, self.sin = torch.cos(freqs).to(p.dtype), torch.sin(freqs).to(p.dtype)
         self.valid = None  # [b, max_len]: False at padding
+        self.padded_until = 0  # positions before this may be padding (in some row)
         if left_pad is not None and bool((left_pad > 0).any()):
             pad = left_pad.to(p.device)
+            self.padded_until = int(pad.max())
             positions = torch.arange(max_len, device=p.device)
             self.valid = positions[None, :] >= pad[:, None]
             # each row's own positions (RoPE is relative, so a shift changes the logits only by
@@ -207,8 +209,11 @@ class KVDecoder:
 
     def _linear_attention(self, block, x: torch.Tensor, cache: list) -> torch.Tensor:
         """A JetBlock layer's mixer over the new positions x [s, b, h]: its state carries the
-        past, so nothing grows with the sequence. Padding (only ever in the prefill) is skipped."""
-        valid = None if self.valid is None else self.valid[:, self.len:self.len + x.shape[0]]
+        past, so nothing grows with the sequence. Padding (only ever in the prefill) is skipped;
+        steps past it run unmasked."""
+        valid = None
+        if self.len < self.padded_until:
+            valid = self.valid[:, self.len:self.len + x.shape[0]]
         out, cache[0] = block.mix(x.transpose(0, 1), cache[0], valid)
         out = out.transpose(0, 1)
         return out if self.direct else (out, None)  # the module path's (output, bias)
