@@ -31,9 +31,13 @@ class RecallExample:
         return self.prompt + self.answer
 
 
-def _listing(rng: random.Random, pairs: int) -> tuple[list[str], list[str]]:
+def check_pairs(pairs: int) -> None:
     if not 1 <= pairs <= MAX_PAIRS:
         raise ValueError(f"pairs: must be 1 to {MAX_PAIRS} (distinct letters), got {pairs}")
+
+
+def _listing(rng: random.Random, pairs: int) -> tuple[list[str], list[str]]:
+    check_pairs(pairs)
     keys = rng.sample(string.ascii_lowercase, pairs)
     return keys, [str(rng.randrange(10)) for _ in keys]
 

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 
 from data_recipes.arithmetic import check_ops, iter_arithmetic_documents
 from data_recipes.config_fields import added
-from data_recipes.recall import recall_documents
+from data_recipes.recall import check_pairs, recall_documents
 
 MISSING: Any = "???"  # OmegaConf's marker for a value the recipe must give
 
@@ -144,8 +144,7 @@ class RecallSource:
     max_docs: Optional[int] = None
 
     def __post_init__(self):
-        if not 1 <= self.pairs <= 26:
-            raise ValueError(f"pairs: must be 1 to 26 (distinct letters), got {self.pairs}")
+        check_pairs(self.pairs)
         if self.queries < 1:
             raise ValueError(f"queries: must be >= 1, got {self.queries}")
 
