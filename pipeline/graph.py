@@ -8,6 +8,7 @@ changed stage and everything downstream get new dirs, while upstream dirs are re
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -59,6 +60,8 @@ def stage_launcher(recipe: Recipe, cfg: Any) -> LaunchConfig:
 
 def _override(base: Any, overrides: dict[str, Any] | None) -> Any:
     """A copy of dataclass `base` with `overrides` merged in (unknown keys raise OmegaConf errors)."""
+    if not overrides:  # most stages: skip OmegaConf's round trip, ~30 ms each (a plan makes ~60)
+        return copy.deepcopy(base)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), overrides or {}))
 
 

@@ -12,6 +12,7 @@ them and exits with 2 before anything starts. Semantic checks live in `pipeline.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import typing
 from dataclasses import dataclass, field
@@ -308,7 +309,7 @@ def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
     if failed:
         return None
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(cls), node)
+        cfg = OmegaConf.merge(_schema(cls), node)
         obj = OmegaConf.to_object(cfg)
         if items:
             for name, values in items.items():
@@ -326,6 +327,13 @@ def _structured(cls: type, node: Any, path: str, problems: list) -> Any:
         problems.append((path, f"a value has the wrong type ({e})"))
         return None
     return obj
+
+
+@functools.cache
+def _schema(cls: type) -> DictConfig:
+    """OmegaConf's schema of dataclass `cls`, built once: a recipe checks ~200 nodes against ~20
+    classes, and building a schema was half of `pipeline plan`'s time. merge() never mutates it."""
+    return OmegaConf.structured(cls)
 
 
 def _shown(value: Any) -> str:

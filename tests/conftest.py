@@ -103,3 +103,9 @@ def sigkill_at_first_checkpoint_then_rerun(module: str, spec: Path) -> str:
     out = finish_job(start_job(module, spec))
     assert "resumed from" in out
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """The slow (stage-job) tests first: with two workers the long files start first, so neither
+    worker is left running one of them alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
