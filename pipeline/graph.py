@@ -60,9 +60,16 @@ def stage_launcher(recipe: Recipe, cfg: Any) -> LaunchConfig:
 
 def _override(base: Any, overrides: dict[str, Any] | None) -> Any:
     """A copy of dataclass `base` with `overrides` merged in (unknown keys raise OmegaConf errors)."""
-    if not overrides:  # most stages: skip OmegaConf's round trip, ~30 ms each (a plan makes ~60)
+    if not overrides:  # most stages: skip OmegaConf's round trip
         return copy.deepcopy(base)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), overrides or {}))
+    key = (type(base), repr(base), repr(overrides))  # dataclass reprs show every field
+    if key not in _merged:  # a plan asks for each stage's launcher and model several times
+        _merged[key] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), overrides))
+    return copy.deepcopy(_merged[key])
+
+
+# A merge is ~30 ms; a plan of the flagship made ~60 of them, a third of its 2 s.
+_merged: dict[tuple, Any] = {}
 
 
 def stage_refs(cfg: Any) -> dict[str, str]:

@@ -105,7 +105,16 @@ def sigkill_at_first_checkpoint_then_rerun(module: str, spec: Path) -> str:
     return out
 
 
+# The longest files (minutes each on 2 cores) start first, then the other stage-job tests: with two
+# workers taking a file at a time, a long file started last would run alone at the end.
+LONGEST_FIRST = ("test_tiny_pipeline.py", "test_nanbeige3b_cpu.py", "test_slurm.py",
+                 "test_tracking_outage.py", "test_runner.py", "test_install.py")
+
+
 def pytest_collection_modifyitems(items):
-    """The slow (stage-job) tests first: with two workers the long files start first, so neither
-    worker is left running one of them alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    def rank(item) -> int:
+        if item.path.name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(item.path.name)
+        return len(LONGEST_FIRST) + (item.get_closest_marker("slow") is None)
+
+    items.sort(key=rank)

@@ -152,6 +152,7 @@ def reference(tmp_path_factory, inputs) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_distill_samples_pairs_and_moves_the_student_toward_the_teacher(reference):
     m = read_json(reference / "manifest.json")
     assert m["pairs_sampled"] == 20 and m["pairs_kept"] == 20 and m["pairs_heldout"] == 4
@@ -180,6 +181,7 @@ def test_distill_resume_after_sigkill_is_bitwise_identical(reference, inputs, tm
     assert got["heldout"] == want["heldout"] and got["final"]["loss"] == want["final"]["loss"]
 
 
+@pytest.mark.slow
 def test_a_teacher_tokenizer_mismatch_fails_before_any_work(inputs, tmp_path):
     other = train_tok(tmp_path, "other", 380)
     (tmp_path / "other_tok").mkdir()

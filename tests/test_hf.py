@@ -322,6 +322,7 @@ def _jan_nano_inputs(tmp_path, monkeypatch) -> None:
         monkeypatch.setenv(var, str(value))
 
 
+@pytest.mark.slow
 def test_jan_nano_recipe_validates_and_pipeline_export_runs(megatron_world, tmp_path, monkeypatch):
     """The recipe plans with a tiny Qwen3 in place of Qwen3-4B; a model that differs from the
     checkpoint is refused by name; `pipeline export` (the real job, in a subprocess) writes a dir
@@ -427,6 +428,7 @@ if __name__ == "__main__":  # dist_checkpointing's helper processes re-import __
 '''
 
 
+@pytest.mark.slow
 def test_tensor_parallel_checkpoints_both_ways(megatron_world, tmp_path):
     """TP=2 (two gloo processes): a stage loads the TP=1 import with the HF logits, and its TP=2
     checkpoint exports (gathered into TP=1 on load) to a model with the same logits."""

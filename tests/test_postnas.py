@@ -183,6 +183,7 @@ def reference(tmp_path_factory, inputs) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_postnas_writes_a_layout_its_tables_and_a_hybrid_later_stages_load(reference, inputs):
     from stages.engine import checkpoint as ckpt
     from stages.engine.model import build_model
@@ -209,6 +210,7 @@ def test_postnas_writes_a_layout_its_tables_and_a_hybrid_later_stages_load(refer
     assert sum("kl" in r for r in rows) == 6
 
 
+@pytest.mark.slow
 def test_all_full_scores_are_the_base_models(reference, inputs):
     from stages.engine import checkpoint as ckpt
     from stages.engine.layout_scoring import TokenWindows, mean_loss

@@ -161,6 +161,7 @@ def reference(tmp_path_factory, inputs) -> Path:  # noqa: F811
     return out
 
 
+@pytest.mark.slow
 def test_grpo_stage_logs_every_step_and_every_rollout(reference):
     m = read_json(reference / "manifest.json")
     assert m["final_step"] == 4 and m["filter_kept"] == 12
@@ -189,6 +190,7 @@ def test_rl_substage_resume_after_sigkill_is_bitwise_identical(reference, inputs
     assert got["final"]["reward/mean"] == want["final"]["reward/mean"]
 
 
+@pytest.mark.slow
 def test_rl_from_a_base_model_with_nothing_in_the_band_passes_the_weights_on(inputs, tmp_path):  # noqa: F811
     """Completion prompts (a base model) and a math reward a random model never earns: the filter
     drops every prompt, the sub-stage says so and hands on the starting weights unchanged."""

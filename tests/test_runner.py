@@ -32,6 +32,7 @@ def stage_dirs(workdir):
     return {p.name.rsplit("-", 1)[0]: p for p in workdir.iterdir() if p.is_dir() and "-" in p.name}
 
 
+@pytest.mark.slow
 def test_failure_fails_descendants_only_then_rerun_skips_done(write_recipe, tmp_path, capsys):
     workdir = tmp_path / "wd"
     recipe = write_recipe(DAG.format(workdir=workdir))
@@ -71,6 +72,7 @@ def test_failure_fails_descendants_only_then_rerun_skips_done(write_recipe, tmp_
     assert out.count("skip (done)") == 3
 
 
+@pytest.mark.slow
 def test_independent_branches_run_concurrently(write_recipe, tmp_path):
     workdir = tmp_path / "wd"
     recipe = write_recipe(f"""
@@ -100,6 +102,7 @@ def test_second_run_on_a_locked_workdir_is_refused(write_recipe, tmp_path, capsy
     assert not stage_dirs(workdir)
 
 
+@pytest.mark.slow
 def test_ctrl_c_asks_jobs_to_stop_and_waits_for_them(write_recipe, tmp_path):
     workdir = tmp_path / "wd"
     recipe = write_recipe(f"""
@@ -126,6 +129,7 @@ def test_ctrl_c_asks_jobs_to_stop_and_waits_for_them(write_recipe, tmp_path):
     assert stage_state(d).state == "interrupted"
 
 
+@pytest.mark.slow
 def test_ray_address_joins_an_existing_cluster(write_recipe, tmp_path):
     import socket
 
@@ -184,6 +188,7 @@ def _wait_for_port(port, proc, timeout=60):
     raise TimeoutError(f"no Ray head on port {port}")
 
 
+@pytest.mark.slow
 def test_jobs_orphaned_by_a_killed_driver_are_seen_and_never_doubled(write_recipe, tmp_path, capsys):
     workdir = tmp_path / "wd"
     recipe = write_recipe(f"name: o\nworkdir: {workdir}\nstages:\n  slow: {{kind: noop, seconds: 60}}\n")
@@ -205,6 +210,7 @@ def test_jobs_orphaned_by_a_killed_driver_are_seen_and_never_doubled(write_recip
     assert stage_state(d).state in ("failed", "interrupted")  # both gone: a rerun may resume it
 
 
+@pytest.mark.slow
 def test_only_runs_the_stages_asked_for_and_what_they_need(write_recipe, tmp_path, capsys):
     workdir = tmp_path / "wd"
     recipe = write_recipe(DAG.format(workdir=workdir))

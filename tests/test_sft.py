@@ -196,6 +196,7 @@ def reference(tmp_path_factory, inputs) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sft_trains_on_assistant_tokens_and_measures_held_out_loss(reference):
     m = read_json(reference / "manifest.json")
     assert m["samples"] == 34 and m["heldout_samples"] == 6 and m["truncated"] == 0

@@ -154,6 +154,7 @@ def test_http_backend_does_not_retry_a_client_error(tmp_path):
 
 # --- the stage: resume after a kill ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sft_data_stage_resumes_after_sigkill_without_redoing_finished_samples(tmp_path):
     with ChatServer(draft_error_rate=0.5) as server:
         server.delay_s = 0.03
@@ -200,6 +201,7 @@ def test_sft_data_stage_resumes_after_sigkill_without_redoing_finished_samples(t
             assert {"id": rec["id"], "messages": rec["messages"]} in data
 
 
+@pytest.mark.slow
 def test_sft_data_on_ray_workers_makes_the_same_data_as_one_process(tmp_path):
     import ray
 

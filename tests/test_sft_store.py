@@ -121,6 +121,7 @@ def tokenized(tmp_path_factory, tok):
     return out, files, spec, log
 
 
+@pytest.mark.slow
 def test_tokenize_stage_stores_every_good_record_and_names_the_bad_ones(tokenized, tok):
     out, files, _, log = tokenized
     m = read_json(out / "manifest.json")
@@ -147,6 +148,7 @@ def test_tokenize_stage_stores_every_good_record_and_names_the_bad_ones(tokenize
         tok, [Message("user", "Double 11"), Message("assistant", "22")])[0]
 
 
+@pytest.mark.slow
 def test_tokenize_stage_resumes_per_shard(tokenized):
     out, _, spec, _ = tokenized
     shards = [str(out / p)
@@ -164,6 +166,7 @@ def test_tokenize_stage_resumes_per_shard(tokenized):
     assert read_json(out / "manifest.json")["sft_store"]["datasets"][0]["conversations"] == 28
 
 
+@pytest.mark.slow
 def test_past_the_error_budget_the_stage_fails_in_one_line(tmp_path, tok):
     files = write_datasets(tmp_path)
     spec = tokenize_spec(tmp_path / "out", tok, files, max_errors=0.05)

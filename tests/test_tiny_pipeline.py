@@ -1,9 +1,10 @@
 """The tiny recipe end to end as a user runs it (`pipeline run recipes/tiny.yaml`), budgets cut.
 
 The suite runs the file itself, every stage and edge of it, with the command-line overrides in
-SHORTER: each pretraining phase, SFT, distillation and RL sub-stage is cut to a fraction of its
-steps. At its own budgets the recipe takes ~19 min on 2 cores, which alone was two thirds of the
-30-minute budget of the whole suite; `bench/tiny_seeds.py` runs and times it as written.
+SHORTER: SFT, distillation and each RL sub-stage are cut to a fraction of their steps. Pretraining
+is not: from a base of 60 steps, 3 SFT epochs did not teach the answer format (answered 0.00), and
+distillation then kept no pairs. At its own budgets the recipe takes ~19 min on 2 cores, two
+thirds of the suite's 30-minute budget; `bench/tiny_seeds.py` runs and times it as written.
 
 One module-scoped run is shared by the checks below; then the same workdir is used to show that a
 rerun skips everything and that an override reruns only the stage it changes.
@@ -25,16 +26,15 @@ STAGES = ("tokenizer", "prepare", "pretrain", "eval_base", "sft_data", "sft", "e
           "teacher_pretrain", "teacher_sft", "eval_teacher", "distill", "eval_distill",
           "rl.stem", "rl.code", "rl.align", "eval_rl_stem", "eval_code_before", "eval_code_after",
           "eval_rl")
+EVALS = [n for n in STAGES if n.startswith("eval_")]
 pytestmark = pytest.mark.slow
 
-PRETRAINS = ("pretrain", "teacher_pretrain")
-SHORTER = [  # ~1/4 of the compute on the longest path: every phase, epoch and step kind still runs
-    *(f"stages.{s}.phases.{i}.tokens={t}" for s in PRETRAINS
-      for i, t in enumerate((10240, 10240, 10240, 10240, 20480))),  # 60 steps, not 160
-    *(f"stages.{s}.lr.decay_tokens=20480" for s in PRETRAINS),
-    "stages.sft.epochs=3", "stages.teacher_sft.epochs=3",
-    "stages.distill.prompts.num=64", "stages.distill.epochs=1",
+SHORTER = [  # every stage, phase and step kind still runs; SFT onward at a fraction of its steps
+    "stages.sft.epochs=5", "stages.teacher_sft.epochs=5",  # 12: the format is learnt by ~4
+    "stages.distill.prompts.num=96", "stages.distill.epochs=1",
     *(f"stages.rl.substages.{i}.grpo.steps=2" for i in range(3)),
+    *(f"stages.rl.substages.{i}.filter.samples=4" for i in range(3)),
+    *(f"stages.{e}.{key}" for e in EVALS for key in ("samples=2", "k=[1,2]")),
 ]
 
 
@@ -87,16 +87,15 @@ def test_all_stages_complete_with_progress_output(tiny_run):
     held = sft["heldout_loss"]  # before SFT, then after each epoch
     assert held[str(len(held) - 1)] < held["0"]
     assert sft["model"]["rotary_base"] == 40000  # the architecture pretraining ended with
-    evals = [n for n in STAGES if n.startswith("eval_")]
-    for name in evals:
+    for name in EVALS:
         ev = manifest(dirs[name][0])
-        assert ev["prompts"] > 0 and "pass_at_4" in ev
+        assert ev["prompts"] > 0 and "pass_at_2" in ev
         assert 0 <= ev["exact_match"] <= 1 and 0 <= ev["answered"] <= 1
     print("exact match: " + ", ".join(f"{n[5:]} {manifest(dirs[n][0])['exact_match']:.3f}"
-                                      for n in evals))
+                                      for n in EVALS))
     distill = manifest(dirs["distill"][0])
     assert distill["model"]["num_layers"] == 2 and distill["teacher_model"]["num_layers"] == 4
-    assert distill["pairs_sampled"] == 64 and 0 < distill["pairs_kept"] < 64
+    assert distill["pairs_sampled"] == 96 and 0 < distill["pairs_kept"] < 96
     assert set(distill["heldout"]) == {"0", "1"}  # before, then after each epoch
     rl = [manifest(dirs[n][0]) for n in ("rl.stem", "rl.code", "rl.align")]
     assert [m["substage"] for m in rl] == ["stem", "code", "align"]
@@ -105,7 +104,7 @@ def test_all_stages_complete_with_progress_output(tiny_run):
                                           for m in rl))
     assert f"sqlite:///{workdir}/mlflow.db" in result.stdout
     ladder = result.stdout.split("eval ladder (DAG order):\n", 1)[1].splitlines()
-    assert [line.split()[0] for line in ladder[1:1 + len(evals)]] == evals
+    assert [line.split()[0] for line in ladder[1:1 + len(EVALS)]] == EVALS
 
 
 def test_mlflow_has_parent_and_nested_runs_with_params_metrics_artifacts(tiny_run):
@@ -122,8 +121,7 @@ def test_mlflow_has_parent_and_nested_runs_with_params_metrics_artifacts(tiny_ru
     assert {"recipe.resolved.yaml", "ladder.json", "ladder.png"} <= parent_files
     ladder = json.loads(Path(client.download_artifacts(parent.info.run_id, "ladder.json"))
                         .read_text())
-    evals = [n for n in STAGES if n.startswith("eval_")]
-    assert [r["stage"] for r in ladder] == evals  # DAG order
+    assert [r["stage"] for r in ladder] == EVALS  # DAG order
     for row in ladder:
         assert row["scores"]["exact_match"] == manifest(
             stage_dirs(workdir)[row["stage"]][0])["exact_match"]
@@ -155,7 +153,7 @@ def test_mlflow_has_parent_and_nested_runs_with_params_metrics_artifacts(tiny_ru
     assert "pairs.jsonl" in _all_artifacts(client, stages["distill"].info.run_id)
     for name in ("rl.stem", "rl.code", "rl.align"):
         assert client.get_metric_history(stages[name].info.run_id, "filter/dropped_share")
-    for name in [n for n in STAGES if n.startswith("eval_")]:
+    for name in EVALS:
         assert client.get_metric_history(stages[name].info.run_id, "eval/exact_match")
         assert "eval_samples.jsonl" in _all_artifacts(client, stages[name].info.run_id)
 
@@ -184,8 +182,8 @@ def test_override_reruns_only_the_changed_stage(tiny_run):
     before = {n: [d.name for d in ds] for n, ds in stage_dirs(workdir).items()}
     mtimes = {d: (d / "manifest.json").stat().st_mtime
               for n in STAGES if n != "eval_sft" for d in stage_dirs(workdir)[n]}
-    result = pipeline("run", str(TINY), f"workdir={workdir}", *SHORTER, "stages.eval_sft.samples=2",
-                      "stages.eval_sft.k=[1,2]")
+    result = pipeline("run", str(TINY), f"workdir={workdir}", *SHORTER, "stages.eval_sft.samples=3",
+                      "stages.eval_sft.k=[1,3]")
     assert result.returncode == 0, result.stdout[-3000:]
     after = {n: [d.name for d in ds] for n, ds in stage_dirs(workdir).items()}
     assert all(after[n] == before[n] for n in STAGES if n != "eval_sft")

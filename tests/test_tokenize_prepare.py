@@ -194,6 +194,7 @@ def test_prepare_stage_shards_and_resume(ray_local, tmp_path, tokenizer_stage, s
     assert (shards / "math.bin").stat().st_mtime_ns != mtimes["math.bin"]
 
 
+@pytest.mark.slow
 def test_prepare_as_a_job_subprocess(ray_local, tmp_path, tokenizer_stage, sources):
     tok_spec, _ = tokenizer_stage
     spec = prepare_spec(tmp_path / "prep", tok_spec, sources, names=("math",))
@@ -209,6 +210,7 @@ def test_prepare_as_a_job_subprocess(ray_local, tmp_path, tokenizer_stage, sourc
     assert "math: " in proc.stdout
 
 
+@pytest.mark.slow
 def test_ray_workers_get_the_malloc_cap_from_the_cluster_not_per_task():
     """A local cluster started for Ray work passes WORKER_ENV (the malloc arena cap) to every
     worker itself, so tasks need no runtime_env (which kept them off idle workers)."""
