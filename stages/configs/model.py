@@ -71,6 +71,8 @@ class ModelConfig:
                     "num_query_groups", "seq_length", "make_vocab_size_divisible_by"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: {getattr(self, key)}, must be at least 1")
+        if self.num_layers > 100_000:  # a list per layer is built from it (a fuzz found 1e30)
+            raise ValueError(f"num_layers: {self.num_layers}, must be at most 100000")
         if self.head_dim is not None and self.head_dim < 1:
             raise ValueError(f"head_dim: {self.head_dim}, must be at least 1 (or null)")
         if self.num_attention_heads % self.num_query_groups:
