@@ -23,10 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stages.configs.pretrain import LRConfig, PhaseConfig, PretrainConfig
-from stages.configs.model import ModelConfig
+from stages.configs.model import ModelConfig, num_params, padded_vocab_size
 from stages.configs.base import OptimizerConfig
-from stages.configs import \
-    num_params, padded_vocab_size, pretrain_schedule
+from schedulers.fg_wsd import pretrain_schedule
 
 VOCAB = 4096
 

@@ -28,7 +28,12 @@ class LaunchConfig:
     qos: Optional[str] = None
     constraint: Optional[str] = None
     cpus_per_node: Optional[int] = None
-    """CPUs for torchrun and its workers on each node (sbatch --cpus-per-task; one task a node)."""
+    """CPUs for torchrun and its workers on each node (sbatch --cpus-per-task; one task a node).
+    Each worker gets its share of them as torch threads (OMP_NUM_THREADS). Without it a Slurm
+    job's workers share what Slurm allocated (SLURM_CPUS_ON_NODE) and a local job's workers get
+    one thread each: local jobs of parallel branches share the machine, and two 2-thread jobs on
+    2 cores ran 1.5-4x slower per step than two 1-thread jobs (bench/README.md). Fixed per stage,
+    not per moment, so that a resumed job computes as its first start did."""
     mem: Optional[str] = None
     """Memory per node, sbatch --mem syntax: 512G, 64000M, 0 (all of it)."""
     time: Optional[str] = None
@@ -58,6 +63,10 @@ class LaunchConfig:
     """The port of that Ray cluster's head (GCS) on the job's first node."""
     poll_s: float = 10.0
     """Seconds between the driver's squeue/scontrol polls of a job."""
+
+    def threads_per_worker(self) -> int:
+        """torch threads of each local worker: its share of `cpus_per_node`, else 1."""
+        return max(1, (self.cpus_per_node or 1) // self.nproc_per_node)
 
     def __post_init__(self):
         if self.kind not in ("local", "slurm"):

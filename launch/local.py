@@ -57,7 +57,10 @@ def run_job(spec: StageSpec, launcher: LaunchConfig, env: dict[str, str] | None 
     out = spec.out
     log_path = out / LOG
     (out / EXIT_STATUS).unlink(missing_ok=True)
-    job_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # Set here, not inherited: the Ray task that runs this has Ray's OMP_NUM_THREADS=1, which
+    # `cpus_per_node` could not raise before.
+    job_env = {**os.environ, "OMP_NUM_THREADS": str(launcher.threads_per_worker()),
+               "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "ab") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: "
                   f"{' '.join(command(spec, launcher))}\n".encode())

@@ -92,6 +92,10 @@ def render_script(out: Path, kind: str, launcher: LaunchConfig) -> str:
              *[f"#SBATCH {o}" for o in options],
              "", *L.setup, *([""] if L.setup else []),
              "export PYTHONUNBUFFERED=1",
+             # torch threads: each worker's share of the job's CPUs (the environment sbatch
+             # copies from the submitting Ray task has OMP_NUM_THREADS=1)
+             f"export OMP_NUM_THREADS=$(( SLURM_CPUS_ON_NODE / {L.nproc_per_node} > 1 ? "
+             f"SLURM_CPUS_ON_NODE / {L.nproc_per_node} : 1 ))",
              'echo "=== $(date \'+%F %T\') slurm job $SLURM_JOB_ID (restart '
              '${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
              f"rm -f {EXIT_STATUS}"]

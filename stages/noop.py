@@ -33,9 +33,11 @@ def run(spec: StageSpec) -> dict:
         raise RuntimeError(cfg.fail_message)
     log.log(0, {"waited_s": cfg.seconds})
     log.close()
-    # the Ray cluster the driver told the job to use (PIPELINE_RAY_ADDRESS): shows what it joined
+    # the Ray cluster the driver told the job to use (PIPELINE_RAY_ADDRESS) and the threads its
+    # launcher gave it: show what a real job would get
     return {"waited_s": cfg.seconds, "inputs": sorted(spec.inputs),
-            "ray_address": os.environ.get("PIPELINE_RAY_ADDRESS", "")}
+            "ray_address": os.environ.get("PIPELINE_RAY_ADDRESS", ""),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "")}
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def test_independent_branches_run_concurrently(write_recipe, tmp_path):
         workdir: {workdir}
         stages:
           x: {{kind: noop, seconds: 6}}
-          y: {{kind: noop, seconds: 6}}
+          y: {{kind: noop, seconds: 6, launcher: {{cpus_per_node: 2}}}}
     """)
     assert main(["run", str(recipe)]) == 0
     spans = []
@@ -90,6 +90,11 @@ def test_independent_branches_run_concurrently(write_recipe, tmp_path):
         spans.append((ended - 6, ended))
     (s1, e1), (s2, e2) = spans
     assert min(e1, e2) > max(s1, s2)  # the two 6 s waits overlapped in time
+    # torch threads: one by default, `cpus_per_node` when a stage sets it (the Ray task that
+    # launches the job has Ray's OMP_NUM_THREADS=1, which used to win)
+    threads = {name: json.loads((d / "manifest.json").read_text())["omp_num_threads"]
+               for name, d in stage_dirs(workdir).items()}
+    assert threads == {"x": "1", "y": "2"}
 
 
 def test_second_run_on_a_locked_workdir_is_refused(write_recipe, tmp_path, capsys):

@@ -274,6 +274,14 @@ def test_sbatch_script_of_the_3b_recipes_multi_node_gpu_stage(tmp_path, monkeypa
         assert part in srun
     assert lines.index(srun) < lines.index("code=$?")
     assert '    scontrol requeue "$SLURM_JOB_ID" && exit 0' in lines
+    # each of the 8 workers gets its eighth of the node's 64 CPUs as torch threads
+    (threads,) = [line for line in lines if line.startswith("export OMP_NUM_THREADS=")]
+    assert lines.index(threads) < lines.index(srun)
+    for cpus, want in ((64, "8"), (4, "1"), (None, "1")):
+        got = subprocess.run(["bash", "-c", f"{threads}; echo $OMP_NUM_THREADS"], text=True,
+                             capture_output=True, check=True,
+                             env={"SLURM_CPUS_ON_NODE": str(cpus)} if cpus else {}).stdout
+        assert got.strip() == want, (cpus, got)
     # a bash syntax check of the whole script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 

@@ -1,8 +1,8 @@
 """The tiny recipe end to end as a user runs it (`pipeline run recipes/tiny.yaml`), budgets cut.
 
 The suite runs the file itself, every stage and edge of it, with the command-line overrides in
-SHORTER: 60 pretraining steps instead of 160, and SFT, distillation, RL and the evals cut to a
-fraction of their steps. That checks the plumbing, not learning: this short a base learns no
+SHORTER: 60 pretraining steps instead of 160, and SFT data, SFT, distillation, RL and the evals cut
+to a fraction of their prompts and steps. That checks the plumbing, not learning: this short a base learns no
 answer format (answered 0.00 after SFT), so distillation keeps tied pairs. At its own budgets the
 recipe takes ~19 min on 2 cores, two thirds of the suite's 30-minute budget;
 `bench/tiny_seeds.py` runs and times it as written.
@@ -31,18 +31,21 @@ EVALS = [n for n in STAGES if n.startswith("eval_")]
 pytestmark = pytest.mark.slow
 
 PRETRAINS = ("pretrain", "teacher_pretrain")
+DISTILL_PROMPTS = 32
 SHORTER = [  # every stage, phase and step kind still runs, at ~40% of the compute
     *(f"stages.{s}.phases.{i}.tokens={t}" for s in PRETRAINS
       for i, t in enumerate((10240, 10240, 10240, 10240, 20480))),  # 60 steps, not 160
     *(f"stages.{s}.lr.decay_tokens=20480" for s in PRETRAINS),
+    # SFT data from 48 + 32 prompts, not 160 + 96
+    "stages.sft_data.prompts.num=48", "stages.sft_data.more_prompts.0.num=32",
     "stages.sft.epochs=3", "stages.teacher_sft.epochs=3",
     # this short a base learns no answer format, so teacher and student are both wrong: keep
     # pairs at margin 0 (ties) so that DPD still trains
-    "stages.distill.prompts.num=64", "stages.distill.epochs=1",
+    f"stages.distill.prompts.num={DISTILL_PROMPTS}", "stages.distill.epochs=1",
     "stages.distill.filter.min_margin=0",
     *(f"stages.rl.substages.{i}.grpo.steps=2" for i in range(3)),
     *(f"stages.rl.substages.{i}.filter.samples=4" for i in range(3)),
-    *(f"stages.{e}.{key}" for e in EVALS for key in ("samples=2", "k=[1,2]")),
+    *(f"stages.{e}.{key}" for e in EVALS for key in ("samples=2", "k=[1,2]", "prompts.num=16")),
 ]
 
 
@@ -103,7 +106,8 @@ def test_all_stages_complete_with_progress_output(tiny_run):
                                       for n in EVALS))
     distill = manifest(dirs["distill"][0])
     assert distill["model"]["num_layers"] == 2 and distill["teacher_model"]["num_layers"] == 4
-    assert distill["pairs_sampled"] == 64 and 0 < distill["pairs_kept"] <= 64
+    assert distill["pairs_sampled"] == DISTILL_PROMPTS
+    assert 0 < distill["pairs_kept"] <= DISTILL_PROMPTS
     assert set(distill["heldout"]) == {"0", "1"}  # before, then after each epoch
     rl = [manifest(dirs[n][0]) for n in ("rl.stem", "rl.code", "rl.align")]
     assert [m["substage"] for m in rl] == ["stem", "code", "align"]
