@@ -29,7 +29,7 @@ from stages.configs.model import ModelConfig, num_params
 from stages.configs.pretrain import PretrainConfig
 from stages.contract import MANIFEST, StageSpec, read_json
 from stages.engine import distributed, job
-from stages.engine.checkpoint import params_sha256, step_dir
+from stages.engine.checkpoint import checkpoint_model, params_sha256, step_dir
 from stages.engine.losses import lm_loss
 from stages.engine.model import set_rotary_base
 from stages.engine.optim import current_lr
@@ -42,7 +42,12 @@ DATA_ORDER = "data_order.jsonl"
 
 
 def load_configs(spec: StageSpec) -> tuple[PretrainConfig, ModelConfig]:
-    return from_dict(PretrainConfig, spec.config), from_dict(ModelConfig, spec.model)
+    """The config, and the model: the recipe's, or the one `init`'s manifest records (continued
+    pretraining of an imported model or of a postnas hybrid keeps that architecture)."""
+    cfg = from_dict(PretrainConfig, spec.config)
+    init = spec.inputs.get("init")
+    upstream = read_json(Path(init) / MANIFEST) if init else {}
+    return cfg, checkpoint_model(spec.model, upstream, cfg.model)
 
 
 def check_batching(cfg: PretrainConfig, schedule, dp_size: int) -> None:

@@ -291,3 +291,35 @@ def test_a_full_disk_mid_checkpoint_stops_clearly_and_a_rerun_resumes(reference,
     finally:
         subprocess.run(["umount", "-l", str(disk)])
         shutil.rmtree(disk, ignore_errors=True)
+
+
+def test_pretrain_from_an_init_stage_trains_the_architecture_its_manifest_records(
+        data, tmp_path, megatron_world):
+    """Continued pretraining of a postnas hybrid (or an imported model): the architecture is the
+    one the init stage's manifest records (here 3 layers, the middle one linear attention), not
+    the recipe's 2-layer model, and training starts from its weights."""
+    from stages.configs.model import num_params
+    from stages.engine import checkpoint as ckpt
+    from stages.engine.hf.importer import save_weights
+    from stages.engine.model import build_model
+
+    hybrid = ModelConfig(**{**asdict(MODEL), "num_layers": 3, "layout": ["full", "linear", "full"]})
+    init = tmp_path / "hybrid"
+    torch.manual_seed(1)
+    model = build_model(hybrid, VOCAB, hybrid.seq_length)
+    save_weights(model, init / "checkpoints")
+    (init / "manifest.json").write_text(json.dumps({"model": asdict(hybrid)}))
+    out = tmp_path / "continued"
+    spec = StageSpec(name="pretrain", kind="pretrain", config=asdict(CONFIG), output_dir=str(out),
+                     inputs={"tokenizer": str(data), "data": str(data), "init": str(init)},
+                     model=asdict(MODEL))
+    log = finish_job(start_job("stages.pretrain", save_spec(spec)))
+    manifest = read_json(out / "manifest.json")
+    assert manifest["model"]["layout"] == hybrid.layout and manifest["final_step"] == TOTAL_STEPS
+    assert manifest["num_params"] == num_params(hybrid, VOCAB) != num_params(MODEL, VOCAB)
+    # it trained the init's weights: the loaded hybrid is not where the run ended, and the run's
+    # checkpoint loads into the hybrid's shape
+    trained = build_model(hybrid, VOCAB, hybrid.seq_length)
+    ckpt.load_model_weights_only(str(out), trained)
+    assert ckpt.params_sha256(trained) == manifest["params_sha256"] != ckpt.params_sha256(model)
+    assert f"initialised from {init} (weights only)" in log

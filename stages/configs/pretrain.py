@@ -47,7 +47,8 @@ class PretrainConfig(TrainingConfig):
     data: str = ref()
     """The prepare stage whose shards the phase mixtures name."""
     init: Optional[str] = ref(None)
-    """A stage whose final checkpoint initialises the model (weights only)."""
+    """A stage whose final checkpoint initialises the model (weights only); the model is then the
+    one that stage's manifest records (an import, a postnas hybrid), with `model:` on top."""
     global_batch_size: int = 8
     """Sequences per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = 4

@@ -249,6 +249,7 @@ def resume_or_start(root: str | os.PathLike, model, optimizer, init: str | None,
         return state
     if init:
         load_model_weights_only(init, model)
+        print(f"initialised from {init} (weights only)", flush=True)
     return fresh
 
 
