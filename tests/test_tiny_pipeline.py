@@ -2,8 +2,8 @@
 
 The suite runs the file itself, every stage and edge of it, with the command-line overrides in
 SHORTER: 60 pretraining steps instead of 160, and SFT data, SFT, distillation, RL and the evals cut
-to a fraction of their prompts and steps. That checks the plumbing, not learning: this short a base learns no
-answer format (answered 0.00 after SFT), so distillation keeps tied pairs. At its own budgets the
+to a fraction of their prompts and steps. That checks the plumbing, not learning: this short a
+base learns no answer format (answered 0.00 after SFT), so distillation keeps tied pairs. At its own budgets the
 recipe takes ~19 min on 2 cores, two thirds of the suite's 30-minute budget;
 `bench/tiny_seeds.py` runs and times it as written.
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 PRETRAINS = ("pretrain", "teacher_pretrain")
 DISTILL_PROMPTS = 32
-SHORTER = [  # every stage, phase and step kind still runs, at ~40% of the compute
+SHORTER = [  # every stage, phase and step kind still runs, at a fraction of the compute
     *(f"stages.{s}.phases.{i}.tokens={t}" for s in PRETRAINS
       for i, t in enumerate((10240, 10240, 10240, 10240, 20480))),  # 60 steps, not 160
     *(f"stages.{s}.lr.decay_tokens=20480" for s in PRETRAINS),
